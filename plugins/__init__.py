@@ -1,0 +1,1 @@
+"""ngkit's built-in plugins, one per module, each listed under [project.entry-points.ngkit]."""

@@ -1,0 +1,90 @@
+"""The DAPS proxy posterior q~ over the K samples of each image (METHOD.md step 5).
+
+q~(z|x) ∝ q(z|x)^(η/(η+β)) · exp(r(z)/(η+β)) solves max E_q~[r] − β·KL(q~‖uniform) subject
+to KL(q~‖q) ≤ ε, with η the multiplier of the trust region. On samples z_k ~ q the ratio is
+q~/q ∝ exp((r − β·log q)/(η+β)), so the self-normalised importance weights are
+
+    w[k, b] = softmax_k((A[k, b] − β·logq[k, b]) / (η+β)),    A = r − logsumexp_k r.
+
+Exactly, q~/q = u / E_q[u] with u = exp((r − β·log q)/(η+β)); replacing E_q[u] by the sample
+mean (1/K) Σ_j u_j gives q~/q ≈ K·w on the samples, hence the sample KL estimate
+KL(q~‖q) = E_q~[log q~/q] ≈ Σ_k w log(K·w) = KL(w ‖ uniform over K): always in [0, log K],
+0 for uniform weights and log K for one-hot weights (so a bound ≥ log K can never bind).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ngkit import hookimpl
+from ngkit.components import ProxyWeights, Register
+
+Baseline = Literal["logsumexp", "mean"]
+
+
+def _baseline_error(baseline: object) -> str:
+    return f'posterior proxy "daps": baseline must be "logsumexp" or "mean", got {baseline!r}'
+
+
+def _lse_advantages(logp: Tensor) -> Tensor:
+    """A = r − logsumexp_k r in float64 (stop-gradient). Subtracting the per-image maximum first is
+    exact in float64 for float32 rewards, so rewards of order −1e6 nats keep full precision."""
+    r = logp.detach().double()
+    centred = r - r.amax(dim=0, keepdim=True)
+    return centred - torch.logsumexp(centred, dim=0, keepdim=True)
+
+
+def weight_logits(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
+    """``A − β·logq`` in float64, stop-gradient: w = softmax_k(weight_logits / (η+β))."""
+    return _lse_advantages(logp) - beta * logq.detach().double()
+
+
+def sample_kl(log_w: Tensor) -> Tensor:
+    """mean_b Σ_k w log(K·w): the self-normalised estimate of KL(q~‖q) from log-weights [K, B]."""
+    return (log_w.exp() * (log_w + math.log(log_w.shape[0]))).sum(dim=0).mean()
+
+
+def proxy_weights(
+    logp: Tensor, logq: Tensor, eta: float | Tensor, beta: float, baseline: Baseline = "logsumexp"
+) -> ProxyWeights:
+    """Weights, advantages, ESS and sample KL of q~ for rewards ``logp [K, B]``; float64 outputs.
+
+    ``eta`` may carry a gradient (the ``ess`` step-size policy differentiates ESS(η)). Float64
+    throughout, so η from 1e-3 to 1e6 and rewards of order −1e6 nats lose no precision.
+    The weights do not depend on the baseline (softmax is shift-invariant per image).
+    """
+    if baseline not in ("logsumexp", "mean"):
+        raise ValueError(_baseline_error(baseline))
+    lse_advantages = _lse_advantages(logp)
+    logits = lse_advantages - beta * logq.detach().double()
+    if baseline == "logsumexp":
+        advantages = lse_advantages
+    else:
+        r = logp.detach().double()
+        advantages = r - r.mean(dim=0, keepdim=True)
+    eta_t = torch.as_tensor(eta, dtype=torch.float64, device=logits.device)  # keeps η's autograd graph
+    log_w = torch.log_softmax(logits / (eta_t + beta), dim=0)
+    w = log_w.exp()
+    ess = (1.0 / (w * w).sum(dim=0)).mean()
+    return ProxyWeights(weights=w, advantages=advantages, ess=ess, kl=sample_kl(log_w))
+
+
+class DapsProxy:
+    """The paper's proxy; ``baseline`` changes only the logged advantages, never the weights."""
+
+    def __init__(self, baseline: Baseline = "logsumexp") -> None:
+        if baseline not in ("logsumexp", "mean"):
+            raise ValueError(_baseline_error(baseline))
+        self.baseline = baseline
+
+    def __call__(self, logp: Tensor, logq: Tensor, eta: float | Tensor, beta: float) -> ProxyWeights:
+        return proxy_weights(logp, logq, eta, beta, baseline=self.baseline)
+
+
+@hookimpl
+def register_posterior_proxies(register: Register) -> None:
+    register("daps", DapsProxy)

@@ -1,0 +1,128 @@
+"""Datasets that ship inside installed packages, so a run needs no download.
+
+``photos``: random RGB crops of scikit-image's sample photographs; train and test crops come
+from *different* photographs, so held-out numbers measure generalisation to new images.
+``digits``: scikit-learn's 1,797 8×8 handwritten digits (grey, 17 intensity levels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ngkit import hookimpl
+from ngkit.components import ImageSpec
+from ngkit.errors import DataError
+
+# Photographs (not synthetic patterns) that scikit-image ships in its wheel.
+TRAIN_PHOTOS = ["astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "motorcycle_left"]
+TEST_PHOTOS = ["chelsea", "retina"]
+TEST_SEED = 20260101  # fixed: the held-out crops are the same for every run and seed
+
+
+def _load_photo(name: str, scale: float) -> np.ndarray:
+    """One sample photograph as float32 ``[H, W, 3]`` in [0, 1], resized by ``scale``."""
+    import skimage.data
+    import skimage.io
+    import skimage.transform
+
+    try:
+        if hasattr(skimage.data, name):
+            img = getattr(skimage.data, name)()
+        else:
+            img = skimage.io.imread(Path(skimage.data.data_dir) / f"{name}.png")
+    except Exception as exc:
+        raise DataError(
+            f'photos: cannot read scikit-image sample photo "{name}" ({exc}); '
+            f"choose from the photos in {skimage.data.data_dir}"
+        ) from exc
+    img = np.asarray(img)
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise DataError(f'photos: sample "{name}" is not an RGB photograph (shape {img.shape})')
+    img = img[..., :3].astype(np.float32) / 255.0
+    if scale != 1.0:
+        img = skimage.transform.rescale(img, scale, channel_axis=2, anti_aliasing=True).astype(np.float32)
+    return img
+
+
+def _crop(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    top = rng.integers(0, img.shape[0] - size + 1)
+    left = rng.integers(0, img.shape[1] - size + 1)
+    patch = img[top : top + size, left : left + size]
+    if flip and rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    return np.ascontiguousarray(patch.transpose(2, 0, 1))
+
+
+class Photos:
+    """Random ``crop``×``crop`` RGB crops; train crops are drawn afresh forever (with flips)."""
+
+    def __init__(
+        self,
+        crop: int = 32,
+        scale: float = 0.5,
+        train_photos: list[str] | None = None,
+        test_photos: list[str] | None = None,
+        test_images: int = 512,
+        flip: bool = True,
+    ) -> None:
+        if crop < 4:
+            raise ValueError(f"photos: crop must be at least 4 pixels, got {crop}")
+        self.crop, self.flip, self.test_images = crop, flip, test_images
+        self.train_imgs = [_load_photo(n, scale) for n in (train_photos or TRAIN_PHOTOS)]
+        self.test_imgs = [_load_photo(n, scale) for n in (test_photos or TEST_PHOTOS)]
+        for img in self.train_imgs + self.test_imgs:
+            if min(img.shape[:2]) < crop:
+                raise DataError(f"photos: a photo of {img.shape[:2]} pixels is smaller than crop {crop}")
+        pixels = np.concatenate([i.reshape(-1, 3) for i in self.train_imgs])
+        self.spec = ImageSpec(3, crop, crop, tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist()))
+        # Photos are picked in proportion to their area, so every train pixel is equally likely.
+        areas = np.array([i.shape[0] * i.shape[1] for i in self.train_imgs], dtype=np.float64)
+        self.train_p = areas / areas.sum()
+        rng = np.random.default_rng(TEST_SEED)
+        picks = np.arange(test_images) % len(self.test_imgs)
+        self.test_set = torch.from_numpy(
+            np.stack([_crop(self.test_imgs[i], crop, rng, flip=False) for i in picks])
+        )
+
+    def train(self, *, seed: int, rank: int, world_size: int) -> Iterator[Tensor]:
+        rng = np.random.default_rng([seed, rank, world_size])
+        while True:
+            img = self.train_imgs[rng.choice(len(self.train_imgs), p=self.train_p)]
+            yield torch.from_numpy(_crop(img, self.crop, rng, self.flip))
+
+    def test(self, *, rank: int, world_size: int, limit: int | None) -> Iterator[Tensor]:
+        yield from self.test_set[:limit][rank::world_size]
+
+
+class Digits:
+    """scikit-learn's 8×8 digits scaled to [0, 1]; a fixed 1,497 / 300 train/test split."""
+
+    def __init__(self, test_images: int = 300) -> None:
+        from sklearn.datasets import load_digits
+
+        images = load_digits().images.astype(np.float32) / 16.0
+        order = np.random.default_rng(TEST_SEED).permutation(len(images))
+        data = torch.from_numpy(images[order]).unsqueeze(1)
+        self.train_set, self.test_set = data[test_images:], data[:test_images]
+        mean, std = float(self.train_set.mean()), float(self.train_set.std())
+        self.spec = ImageSpec(1, 8, 8, (mean,), (std,))
+
+    def train(self, *, seed: int, rank: int, world_size: int) -> Iterator[Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+        shard = self.train_set[rank::world_size]
+        while True:
+            yield from shard[torch.randperm(len(shard), generator=gen)]
+
+    def test(self, *, rank: int, world_size: int, limit: int | None) -> Iterator[Tensor]:
+        yield from self.test_set[:limit][rank::world_size]
+
+
+@hookimpl
+def register_datasets(register) -> None:
+    register("photos", Photos)
+    register("digits", Digits)

@@ -1,0 +1,1 @@
+"""Recipes shipped with ngkit (package data: the TOML files beside this module)."""

@@ -1,0 +1,40 @@
+"""Every shipped recipe: a header that names its own run command, and a valid body."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ngkit.binding import component_tables
+from ngkit.plugins import get_registry
+from ngkit.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
+
+
+def test_there_are_recipes():
+    assert any(p.name == "quickstart.toml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_header_names_its_run_command(path: Path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    assert header, f"{path} must open with a comment saying what it trains"
+    rel = path.relative_to(ROOT).as_posix()
+    assert f"ngkit run {rel}" in text or f"ngkit compare {rel}" in text, f"header must give the command for {rel}"
+    assert "Needs:" in text, "header must say what the recipe needs (data, hardware, time)"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_validates_and_names_registered_components(path: Path):
+    recipe = load_recipe(path)
+    registry = get_registry()
+    for kind, table, _ in component_tables(recipe):
+        assert table["name"] in registry.names(kind)

@@ -1,0 +1,193 @@
+"""Binding recipe tables to registered factories: check options against signatures, then build.
+
+A factory's parameters are of three sorts: *context* arguments the core fills in by name
+(:data:`ngkit.components.CONTEXT_ARGS`), *sub-components* annotated with
+:class:`ngkit.components.Ref` (a name, or a table with ``name`` and options, resolved in another
+registry), and plain *options*, validated against their type hints with pydantic.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import TypeAdapter, ValidationError
+
+from ngkit.components import CONTEXT_ARGS, Ref
+from ngkit.errors import RecipeError
+from ngkit.plugins import Registry, get_registry
+
+if typing.TYPE_CHECKING:
+    from ngkit.recipe import Recipe
+
+_EMPTY = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    annotation: Any  # resolved type, or None when it could not be resolved
+    default: Any
+    ref: Ref | None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _EMPTY
+
+
+def _resolve(annotation: Any, factory: Callable[..., Any]) -> Any:
+    if not isinstance(annotation, str):
+        return annotation
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    module = sys.modules.get(getattr(target, "__module__", ""), None)
+    namespace = dict(vars(module)) if module else {}
+    namespace.setdefault("Any", Any)
+    try:
+        return eval(annotation, namespace)  # noqa: S307 - annotations of installed plugins
+    except Exception:
+        return None
+
+
+def factory_params(factory: Callable[..., Any]) -> tuple[dict[str, Param], bool]:
+    """Parameters of a factory (and whether it takes ``**kwargs``)."""
+    sig = inspect.signature(factory)
+    params: dict[str, Param] = {}
+    var_kw = False
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+            continue
+        if p.kind is inspect.Parameter.VAR_POSITIONAL or p.name == "self":
+            continue
+        ann = _resolve(p.annotation, factory) if p.annotation is not _EMPTY else None
+        ref = None
+        if typing.get_origin(ann) is typing.Annotated:
+            ref = next((m for m in ann.__metadata__ if isinstance(m, Ref)), None)
+            ann = ann.__origin__
+        params[p.name] = Param(p.name, ann, p.default, ref)
+    return params, var_kw
+
+
+def _as_table(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return dict(value)
+    return None
+
+
+def _validate(param: Param, value: Any) -> Any:
+    if param.annotation is None or param.annotation is Any:
+        return value
+    return TypeAdapter(param.annotation).validate_python(value)
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(e["msg"] for e in exc.errors())
+
+
+def check_component(kind: str, table: dict[str, Any], where: str, registry: Registry) -> list[str]:
+    """Every problem with one component table, without building anything."""
+    name = table.get("name")
+    if not isinstance(name, str):
+        return [f"[{where}] needs a name (a string): the registered {kind} to use"]
+    if name not in registry.entries.get(kind, {}):
+        return [f"[{where}] {registry.unknown_message(kind, name)}"]
+    factory = registry.entries[kind][name].factory
+    params, var_kw = factory_params(factory)
+    options = {k: v for k, v in table.items() if k != "name"}
+    problems = []
+    for key, value in options.items():
+        if key in CONTEXT_ARGS and key in params:
+            problems.append(f"[{where}.{key}] is set by ngkit ({CONTEXT_ARGS[key]}); remove it")
+            continue
+        param = params.get(key)
+        if param is None:
+            if var_kw:
+                continue
+            allowed = [p for p in params if p not in CONTEXT_ARGS]
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            problems.append(
+                f'[{where}.{key}] unknown option for {kind} "{name}"{hint} '
+                f"(options: {', '.join(allowed) or 'none'})"
+            )
+            continue
+        if param.ref is not None:
+            sub = _as_table(value)
+            if sub is None:
+                problems.append(
+                    f"[{where}.{key}] expected a {param.ref.kind} name or a table with name; found {value!r}"
+                )
+            else:
+                problems += check_component(param.ref.kind, sub, f"{where}.{key}", registry)
+            continue
+        try:
+            _validate(param, value)
+        except ValidationError as exc:
+            problems.append(f"[{where}.{key}] {_short(exc)}; found {value!r}")
+    for param in params.values():
+        if param.required and param.name not in options and param.name not in CONTEXT_ARGS:
+            problems.append(f'[{where}.{param.name}] is required by {kind} "{name}" but missing')
+    return problems
+
+
+def build_component(kind: str, table: dict[str, Any], context: dict[str, Any], where: str) -> Any:
+    """Build one component (sub-components first), passing the context arguments it declares."""
+    registry = get_registry()
+    problems = check_component(kind, table, where, registry)
+    if problems:
+        raise RecipeError(where, problems)
+    factory = registry.entries[kind][table["name"]].factory
+    params, _ = factory_params(factory)
+    kwargs: dict[str, Any] = {}
+    for param in params.values():
+        if param.name in CONTEXT_ARGS:
+            if param.name in context:
+                kwargs[param.name] = context[param.name]
+            continue
+        if param.ref is not None:
+            value = table.get(param.name, param.default)
+            sub = _as_table(value)
+            if sub is not None:
+                kwargs[param.name] = build_component(param.ref.kind, sub, context, f"{where}.{param.name}")
+            elif param.name in table:
+                kwargs[param.name] = value
+            continue
+        if param.name in table:
+            kwargs[param.name] = _validate(param, table[param.name])
+    extra = {k: v for k, v in table.items() if k != "name" and k not in params}
+    return factory(**kwargs, **extra)
+
+
+def component_tables(recipe: Recipe) -> list[tuple[str, dict[str, Any], str]]:
+    """(kind, table, dotted key) for every component a recipe names."""
+    data = recipe.data.model_dump()
+    data.pop("batch_size")
+    data.pop("workers")
+    tables = [
+        ("datasets", data, "data"),
+        ("encoders", recipe.model.encoder.model_dump(), "model.encoder"),
+        ("decoders", recipe.model.decoder.model_dump(), "model.decoder"),
+        ("methods", recipe.method.model_dump(), "method"),
+        ("beta_schedules", recipe.schedule.beta.model_dump(), "schedule.beta"),
+    ]
+    for metric in recipe.eval.metrics:
+        options = recipe.eval.options.get(metric, {})
+        tables.append(("metrics", {"name": metric, **options}, f"eval.metrics.{metric}"))
+    unused = set(recipe.eval.options) - set(recipe.eval.metrics)
+    for metric in sorted(unused):
+        tables.append(("metrics", {"name": metric, **recipe.eval.options[metric]}, f"eval.options.{metric}"))
+    return tables
+
+
+def check_recipe_components(recipe: Recipe) -> list[str]:
+    registry = get_registry()
+    problems: list[str] = []
+    for kind, table, where in component_tables(recipe):
+        problems += check_component(kind, table, where, registry)
+    return problems

@@ -1,0 +1,1 @@
+"""The ``ngkit`` command line (Typer + rich)."""

@@ -1,0 +1,163 @@
+"""``ngkit eval``: held-out metrics of a trained run, with the protocol next to every number.
+
+    ngkit eval RUN_DIR --metric fid --metric psnr --metric usage
+    ngkit eval stats DATASET --out reference.npz
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ngkit import __version__
+from ngkit.errors import NgkitError
+
+console = Console(stderr=True)
+
+
+def _metric_options(metrics: list[str], reference_stats: Path | None, weights: Path | None) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    if "fid" in metrics:
+        fid: dict[str, Any] = {}
+        if reference_stats is not None:
+            fid.update(mode="reference", reference_stats=str(reference_stats))
+        if weights is not None:
+            fid["weights"] = str(weights)
+        options["fid"] = fid
+    return options
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import torchmetrics
+
+    return {"ngkit": __version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
+
+
+def eval_run(
+    target: Path,
+    metrics: list[str],
+    *,
+    num_images: int | None,
+    data: str | None,
+    split: str,
+    reference_stats: Path | None,
+    inception_weights: Path | None,
+    batch_size: int | None,
+) -> dict[str, Any]:
+    """Evaluate a run or checkpoint; returns the record also written to ``eval-<time>.json``."""
+    from ngkit.engine.build import build_metrics
+    from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
+    from ngkit.engine.evaluate import evaluate
+    from ngkit.engine.load import load_run
+
+    overrides = [f'data.name="{data}"'] if data else []
+    device = pick_device("auto")
+    set_accelerator_env(device)
+    dist = init_distributed(device)
+    loaded = load_run(target, overrides)
+    recipe = loaded.recipe
+    n = num_images or recipe.eval.num_images
+    options = {**recipe.eval.options, **_metric_options(metrics, reference_stats, inception_weights)}
+    built_metrics = build_metrics(metrics, options)
+    dataset = loaded.built.dataset
+    if split == "train":
+        dataset = _TrainAsTest(dataset, seed=recipe.run.seed)
+    beta = loaded.built.beta(loaded.step)
+    result = evaluate(
+        loaded.engine.module, dataset, built_metrics, num_images=n,
+        batch_size=batch_size or recipe.eval.batch_size, beta=beta, device=dist.device,
+        rank=dist.rank, world_size=dist.world_size,
+    )
+    record = {
+        "run": str(loaded.run_dir),
+        "checkpoint": loaded.tag,
+        "step": loaded.step,
+        "dataset": recipe.data.name,
+        "split": split,
+        "num_images": n,
+        "seed": recipe.run.seed,
+        "beta": beta,
+        "values": result.values,
+        "protocol": result.protocols,
+        "versions": _versions(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if dist.rank == 0:
+        out = loaded.run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        record["written_to"] = str(out)
+    return record
+
+
+class _TrainAsTest:
+    """The first N images of the training stream (seeded), served as a finite split."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed, self.spec = dataset, seed, dataset.spec
+
+    def test(self, *, rank: int, world_size: int, limit: int | None):
+        import itertools
+
+        stream = self.dataset.train(seed=self.seed, rank=rank, world_size=world_size)
+        share = None if limit is None else (limit - rank + world_size - 1) // world_size
+        return itertools.islice(stream, share)
+
+
+def print_record(record: dict[str, Any]) -> None:
+    table = Table(title=f"{record['run']} @ {record['checkpoint']} ({record['split']}, N={record['num_images']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("protocol")
+    for name, proto in record["protocol"].items():
+        keys = [k for k in record["values"] if k == name or k.startswith(name.replace("-", "_")) or k.startswith(name)]
+        for key in keys or [name]:
+            value = record["values"].get(key)
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            summary = "; ".join(f"{k}={v}" for k, v in proto.items() if k not in ("versions",))
+            table.add_row(key, shown, escape(summary[:120]))
+    Console().print(table)
+    if "written_to" in record:
+        console.print(f"written to {escape(record['written_to'])}")
+
+
+def eval_command(
+    target: str = typer.Argument(..., help="Run directory or checkpoint; or 'stats' to compute reference statistics."),
+    dataset: Optional[str] = typer.Argument(None, help="With 'stats': the dataset name."),
+    metric: list[str] = typer.Option(["psnr", "mse", "ssim", "usage"], "--metric", "-m", help="Metric name (repeatable)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on another registered dataset."),
+    split: str = typer.Option("test", "--split", help="test (held-out) or train."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", help="Images to evaluate (default: [eval] num_images)."),
+    reference_stats: Optional[Path] = typer.Option(None, "--reference-stats", help="FID against an .npz with mu, sigma."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Path to pt_inception-2015-12-05-6726825d.pth."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", help="With 'stats': the .npz to write."),
+    as_json: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+) -> None:
+    """Evaluate a trained run on held-out images (or compute FID reference statistics)."""
+    if split not in ("test", "train"):
+        raise NgkitError(f"--split must be test or train, not {split!r}")
+    if target == "stats":
+        if dataset is None or out is None:
+            raise NgkitError("usage: ngkit eval stats DATASET --out FILE.npz [--num-images N]")
+        from ngkit.reference_stats import write_reference_stats
+
+        path = write_reference_stats(dataset, out, num_images=num_images, weights=inception_weights,
+                                     batch_size=batch_size or 50)
+        console.print(f"reference statistics written to {escape(str(path))}")
+        return
+    record = eval_run(
+        Path(target), metric, num_images=num_images, data=data, split=split, reference_stats=reference_stats,
+        inception_weights=inception_weights, batch_size=batch_size,
+    )
+    if as_json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        print_record(record)

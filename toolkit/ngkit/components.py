@@ -1,0 +1,253 @@
+"""The contracts between the core and plugins: what each registered factory must build.
+
+A plugin registers a *factory* (usually a class) under a name; the core calls it with the
+options a recipe gives plus any *context* arguments it declares by name (see
+:data:`CONTEXT_ARGS`). The objects it returns follow the protocols below.
+
+Shapes: ``B`` images per batch, ``K`` samples per image, ``L`` tokens per image (the latent
+grid, row-major), ``V`` codes in the vocabulary, images ``[B, C, H, W]`` with pixels in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+Register = Callable[[str, Callable[..., Any]], None]
+"""Callback handed to ``register_<kind>s`` hooks: ``register(name, factory)``."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Shape and pixel statistics of a dataset's images (statistics in [0, 1] pixel units)."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def num_pixels(self) -> int:
+        return self.channels * self.height * self.width
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """The discrete code: a ``grid`` of tokens (rows, cols), each one of ``codes`` symbols."""
+
+    grid: tuple[int, int]
+    codes: int
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def bits_per_image(self) -> float:
+        return self.tokens * math.log2(self.codes)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Marks a factory parameter as a sub-component picked by name from another registry.
+
+    ``step_size: Annotated[StepSizePolicy, Ref("step_size_policies")] = "ess"`` lets a recipe
+    write ``step_size = "kl"`` or ``[method.step_size] name = "kl"  bound = 0.1``; the core
+    builds the component and passes the object.
+    """
+
+    kind: str
+
+
+# Factory parameters with these names are filled in by the core, never by a recipe.
+CONTEXT_ARGS: dict[str, str] = {
+    "image": "ImageSpec of the recipe's dataset",
+    "latent": "LatentSpec from [model] codes and patch_size",
+    "encoder": "the built Encoder (methods only)",
+    "decoder": "the built Decoder (methods only)",
+    "beta": "the built BetaSchedule (methods only)",
+    "total_steps": "run.steps of the recipe",
+}
+
+
+@runtime_checkable
+class ImageDataset(Protocol):
+    """A source of images. Train is an endless stream; test is finite and deterministic."""
+
+    spec: ImageSpec
+
+    def train(self, *, seed: int, rank: int, world_size: int) -> Iterable[Tensor]:
+        """Yield ``[C, H, W]`` float images in [0, 1] forever; rank ``r`` gets its own shard."""
+        ...
+
+    def test(self, *, rank: int, world_size: int, limit: int | None) -> Iterable[Tensor]:
+        """Yield this rank's share of the first ``limit`` held-out images, the same every call."""
+        ...
+
+
+@dataclass
+class TokenLogProb:
+    """Teacher-forced output of an encoder for given codes."""
+
+    logq: Tensor  # [..., B] log q(z|x), summed over tokens
+    logits: Tensor  # [..., B, L, V] normalised log-probabilities per token
+    entropy: Tensor  # [..., B, L] entropy of each token's conditional distribution (nats)
+
+
+class Encoder(nn.Module):
+    """q(z|x): image -> distribution over L tokens of V codes (autoregressive or factorised)."""
+
+    latent: LatentSpec
+    autoregressive: bool
+    feature_dim: int
+
+    def features(self, x: Tensor) -> Tensor:
+        """Continuous per-token features ``[B, L, feature_dim]`` (used by VQ-VAE/FSQ methods)."""
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor, z: Tensor) -> TokenLogProb:
+        """Teacher-forced log q(z|x) in one pass; ``z`` is ``[B, L]`` or ``[K, B, L]`` long
+        (K samples per image, x encoded once) -> ``logq [..., B]``, ``entropy [..., B, L]``."""
+        raise NotImplementedError
+
+    def sample(self, x: Tensor, num_samples: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Draw ``z [K, B, L]`` and its ``logq [K, B]`` without gradients (x encoded once)."""
+        raise NotImplementedError
+
+    def mode(self, x: Tensor) -> Tensor:
+        """Greedy codes ``[B, L]`` (argmax token by token) for evaluation and export."""
+        raise NotImplementedError
+
+    def relaxed_sample(self, x: Tensor, temperature: float, hard: bool) -> tuple[Tensor, Tensor]:
+        """Gumbel-Softmax sample ``y [B, L, V]`` (soft one-hot; straight-through one-hot if
+        ``hard``) with gradients, and the logits ``[B, L, V]`` it was drawn from. An
+        autoregressive encoder feeds its own relaxed tokens back in."""
+        raise NotImplementedError
+
+
+class Decoder(nn.Module):
+    """p(x|z): token embeddings on the latent grid -> per-pixel likelihood."""
+
+    embed_dim: int
+
+    def embed(self, z: Tensor) -> Tensor:
+        """Codes ``[..., L]`` (long) or soft one-hots ``[..., L, V]`` -> ``[..., L, embed_dim]``."""
+        raise NotImplementedError
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Likelihood parameters for token embeddings ``h [B, L, embed_dim]``."""
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """log p(x|z) per image ``[B]``, summed over pixels; ``x`` in [0, 1]."""
+        raise NotImplementedError
+
+    def mean(self, params: Tensor) -> Tensor:
+        """The reconstruction ``[B, C, H, W]`` in [0, 1] pixel space."""
+        raise NotImplementedError
+
+
+class StepOutput(NamedTuple):
+    """What a method's forward returns: the loss to minimise and numbers to log (floats).
+
+    A tuple, so that DeepSpeed's engine finds the loss tensor among the outputs."""
+
+    loss: Tensor
+    logs: dict[str, float]
+
+
+class Method(nn.Module):
+    """A training method (DAPS or a baseline). Owns every trainable module; the engine wraps
+    it with DeepSpeed, calls ``forward`` for the loss, steps the optimiser, then
+    ``after_step`` for updates that are not gradient steps (step size η, EMA codebooks)."""
+
+    latent: LatentSpec
+
+    def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Called once after each optimiser step that was taken (not after skipped steps)."""
+        return {}
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Deterministic codes ``[B, L]`` for an image batch (evaluation, export)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Images ``[B, C, H, W]`` in [0, 1] from codes ``[B, L]``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def beta_elbo(self, x: Tensor, beta: float) -> Tensor | None:
+        """Per-image E_q[log p(x|z)] - beta * KL(q(z|x) || uniform), or None where undefined."""
+        return None
+
+
+@dataclass
+class ProxyWeights:
+    """Self-normalised importance weights of the proxy posterior over K samples."""
+
+    weights: Tensor  # [K, B], sums to 1 over K
+    advantages: Tensor  # [K, B]
+    ess: Tensor  # scalar, mean over images of 1 / sum_k w^2 (in samples, 1..K)
+    kl: Tensor  # scalar, sample estimate of KL(q~ || q), mean over images
+
+
+class PosteriorProxy(Protocol):
+    def __call__(self, logp: Tensor, logq: Tensor, eta: float | Tensor, beta: float) -> ProxyWeights:
+        """Weights of q~ ∝ q^(eta/(eta+beta)) exp(r/(eta+beta)) for rewards ``logp [K, B]``."""
+        ...
+
+
+class StepSizePolicy(Protocol):
+    """Chooses the trust-region multiplier η of the DAPS update."""
+
+    def eta(self, logp: Tensor, logq: Tensor, beta: float) -> Tensor:
+        """η to use for this batch (detached scalar)."""
+        ...
+
+    def update(self, logp: Tensor, logq: Tensor, beta: float) -> dict[str, float]:
+        """Adapt after a taken step; returns numbers to log (e.g. ``eta``, ``eta_loss``)."""
+        ...
+
+
+class BetaSchedule(Protocol):
+    def __call__(self, step: int) -> float:
+        """β (weight of KL(q‖uniform prior)) at a training step."""
+        ...
+
+
+@dataclass
+class EvalBatch:
+    """One batch of held-out images and what the method made of them."""
+
+    images: Tensor  # [B, C, H, W] in [0, 1]
+    reconstructions: Tensor  # [B, C, H, W] in [0, 1]
+    codes: Tensor  # [B, L] long
+    latent: LatentSpec
+    beta_elbo: Tensor | None = None  # [B] nats, where the method defines it
+
+
+class Metric(Protocol):
+    """A streaming metric over held-out images; values gathered across ranks in ``compute``."""
+
+    def update(self, batch: EvalBatch) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+    def protocol(self) -> dict[str, Any]:
+        """How the number was made (reference set, N, resize, weights hash, versions)."""
+        ...

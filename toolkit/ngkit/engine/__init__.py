@@ -1,0 +1,1 @@
+"""The engine: one training path over DeepSpeed, evaluation, checkpoints and run artifacts."""

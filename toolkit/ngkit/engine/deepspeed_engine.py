@@ -1,0 +1,75 @@
+"""Wrapping a method in a DeepSpeed engine: config from the recipe, AdamW, learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ngkit.components import Method
+from ngkit.errors import RecipeError
+from ngkit.recipe import Recipe
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    dist, optim = recipe.distributed, recipe.optim
+    if optim.clip == "agc" and dist.zero_stage >= 2:
+        raise RecipeError(
+            "recipe",
+            [
+                "[optim.clip] adaptive clipping needs whole gradients, which ZeRO stage "
+                f"{dist.zero_stage} partitions; use clip = \"norm\" or zero_stage <= 1"
+            ],
+        )
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": dist.zero_stage},
+        "bf16": {"enabled": dist.precision == "bf16"},
+        "fp16": {"enabled": dist.precision == "fp16"},
+        "gradient_clipping": optim.clip_value if optim.clip == "norm" else 0.0,
+        # A plain torch AdamW: DeepSpeed's fused optimisers compile kernels for minutes.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    config.update(dist.deepspeed)
+    return config
+
+
+def lr_lambda(recipe: Recipe):
+    """Multiplier of the base learning rate at an optimiser step: warm-up, then constant/cosine."""
+    warmup, total, floor = recipe.schedule.warmup_steps, recipe.run.steps, recipe.schedule.min_lr_ratio
+    cosine = recipe.schedule.lr_decay == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_engine(method: Method, recipe: Recipe) -> Any:
+    """``deepspeed.initialize`` with AdamW over every trainable parameter of the method."""
+    import deepspeed
+
+    params = [p for p in method.parameters() if p.requires_grad]
+    optim = recipe.optim
+    fused = {"fused": True} if params and params[0].is_cuda else {}
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, **fused
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=method,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)),
+        config=deepspeed_config(recipe),
+    )
+    return engine

@@ -1,0 +1,66 @@
+"""Held-out evaluation: run a method over test images and feed every metric, streaming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ngkit.components import EvalBatch, ImageDataset, Method, Metric
+from ngkit.data import test_batches
+
+
+@dataclass
+class EvalResult:
+    values: dict[str, float]
+    protocols: dict[str, dict[str, Any]]
+    images: Tensor  # the first few originals, for the reconstruction grid
+    reconstructions: Tensor
+    num_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate(
+    method: Method,
+    dataset: ImageDataset,
+    metrics: dict[str, Metric],
+    *,
+    num_images: int,
+    batch_size: int,
+    beta: float,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    keep: int = 8,
+    dtype: torch.dtype = torch.float32,
+    progress: Any = None,
+) -> EvalResult:
+    """Encode with the method's deterministic codes, decode, and update every metric."""
+    was_training = method.training
+    method.eval()
+    want_elbo = "beta-elbo" in metrics
+    kept_x, kept_r, seen = [], [], 0
+    for x in test_batches(dataset, batch_size, rank, world_size, num_images):
+        x = x.to(device, dtype)
+        codes = method.encode(x)
+        recon = method.decode(codes).float().clamp(0, 1)
+        elbo = method.beta_elbo(x, beta) if want_elbo else None
+        batch = EvalBatch(x.float(), recon, codes, method.latent, None if elbo is None else elbo.float())
+        for metric in metrics.values():
+            metric.update(batch)
+        if seen < keep:
+            kept_x.append(x[: keep - seen].float().cpu())
+            kept_r.append(recon[: keep - seen].cpu())
+        seen += x.shape[0]
+        if progress is not None:
+            progress(x.shape[0])
+    method.train(was_training)
+    values: dict[str, float] = {}
+    protocols: dict[str, dict[str, Any]] = {}
+    for name, metric in metrics.items():
+        values.update(metric.compute())
+        protocols[name] = metric.protocol()
+    return EvalResult(values, protocols, torch.cat(kept_x), torch.cat(kept_r), seen)

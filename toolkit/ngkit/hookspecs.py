@@ -1,0 +1,164 @@
+"""Hook specifications: every way a plugin extends ngkit.
+
+Registration hooks are called once when the plugin manager is built; each hands the plugin a
+``register(name, factory)`` callback. The *name* is what recipes write; the *factory* (usually a
+class) is called with the recipe's options for that component plus any context arguments it
+declares by name (``image``, ``latent``, ``encoder``, ``decoder``, ``beta``, ``total_steps``; see
+:data:`ngkit.components.CONTEXT_ARGS`).
+
+Run hooks (``on_*``) are called by the training loop on rank 0 only, in registration order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ngkit.components import Register
+    from ngkit.engine.run_info import RunInfo
+
+hookspec = pluggy.HookspecMarker("ngkit")
+
+__all__ = [
+    "register_beta_schedules",
+    "register_datasets",
+    "register_decoders",
+    "register_encoders",
+    "register_methods",
+    "register_metrics",
+    "register_posterior_proxies",
+    "register_quantizers",
+    "register_step_size_policies",
+    "on_train_start",
+    "on_step_end",
+    "on_eval_end",
+    "on_checkpoint",
+    "on_train_end",
+]
+
+
+@hookspec
+def register_encoders(register: Register) -> None:
+    """Register encoders q(z|x) (:class:`ngkit.components.Encoder`) for ``[model.encoder]``.
+
+    :param register: call ``register(name, factory)``; the factory receives ``image`` and ``latent``.
+    """
+
+
+@hookspec
+def register_decoders(register: Register) -> None:
+    """Register decoders p(x|z) (:class:`ngkit.components.Decoder`) for ``[model.decoder]``.
+
+    :param register: call ``register(name, factory)``; the factory receives ``image`` and ``latent``.
+    """
+
+
+@hookspec
+def register_posterior_proxies(register: Register) -> None:
+    """Register posterior proxies (:class:`ngkit.components.PosteriorProxy`) for ``[method.proxy]``.
+
+    :param register: call ``register(name, factory)``.
+    """
+
+
+@hookspec
+def register_step_size_policies(register: Register) -> None:
+    """Register step-size policies for η (:class:`ngkit.components.StepSizePolicy`) for
+    ``[method.step_size]``.
+
+    :param register: call ``register(name, factory)``.
+    """
+
+
+@hookspec
+def register_beta_schedules(register: Register) -> None:
+    """Register β schedules (:class:`ngkit.components.BetaSchedule`) for ``[schedule.beta]``.
+
+    :param register: call ``register(name, factory)``; the factory may take ``total_steps``.
+    """
+
+
+@hookspec
+def register_quantizers(register: Register) -> None:
+    """Register quantizers (continuous features -> codes, e.g. VQ, FSQ) for ``[method.quantizer]``.
+
+    :param register: call ``register(name, factory)``; the factory may take ``latent``.
+    """
+
+
+@hookspec
+def register_methods(register: Register) -> None:
+    """Register training methods (:class:`ngkit.components.Method`) for ``[method]``: DAPS and
+    every baseline are methods.
+
+    :param register: call ``register(name, factory)``; the factory receives ``encoder``,
+        ``decoder``, ``beta``, ``image``, ``latent`` and ``total_steps`` if it declares them.
+    """
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register image datasets (:class:`ngkit.components.ImageDataset`) for ``[data]``.
+
+    :param register: call ``register(name, factory)``.
+    """
+
+
+@hookspec
+def register_metrics(register: Register) -> None:
+    """Register held-out metrics (:class:`ngkit.components.Metric`) for ``[eval] metrics`` and
+    ``ngkit eval --metric``.
+
+    :param register: call ``register(name, factory)``.
+    """
+
+
+@hookspec
+def on_train_start(run: RunInfo) -> None:
+    """Called once before the first training step (after a resume, before the first new step).
+
+    :param run: the run's directory, resolved recipe, models and latent spec.
+    """
+
+
+@hookspec
+def on_step_end(run: RunInfo, step: int, logs: dict[str, float]) -> None:
+    """Called after every logged training step with the numbers written to ``metrics.jsonl``.
+
+    :param run: the run.
+    :param step: the 1-based step just finished.
+    :param logs: loss terms, η, β, ESS, learning rate, images/s (whatever the method reports).
+    """
+
+
+@hookspec
+def on_eval_end(run: RunInfo, step: int, metrics: dict[str, float]) -> None:
+    """Called after each held-out evaluation during training.
+
+    :param run: the run.
+    :param step: the step evaluated at.
+    :param metrics: metric name -> value.
+    """
+
+
+@hookspec
+def on_checkpoint(run: RunInfo, step: int, path: Path) -> None:
+    """Called after a checkpoint has been written completely (renamed into place).
+
+    :param run: the run.
+    :param step: the step saved.
+    :param path: the checkpoint directory.
+    """
+
+
+@hookspec
+def on_train_end(run: RunInfo, summary: dict[str, Any]) -> None:
+    """Called once when training finishes, with what was written to ``summary.json``.
+
+    :param run: the run.
+    :param summary: final held-out metrics and run facts.
+    """

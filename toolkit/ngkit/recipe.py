@@ -1,0 +1,243 @@
+"""Recipes: TOML files that pick every component by name and set every option.
+
+A recipe is parsed with ``tomllib``, validated by the pydantic schema below, and then each
+component table (``[data]``, ``[model.encoder]``, ``[model.decoder]``, ``[method]``,
+``[schedule.beta]``, metrics) is bound to the signature of the factory its ``name`` selects.
+All problems are reported at once, each with the file, the dotted key, what was expected and
+what was found.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ngkit.errors import RecipeError
+
+
+class Component(BaseModel):
+    """A table that names a registered factory; every other key is an option for it."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(Component):
+    """``[data]``: the dataset plugin and its options, plus the per-rank batch size."""
+
+    batch_size: int = Field(32, gt=0, description="images per optimiser step on each rank")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+
+
+class ModelSection(Section):
+    codes: int = Field(gt=1, description="vocabulary size V of every token")
+    patch_size: int = Field(gt=0, description="pixels per token side; tokens = (H/p)*(W/p)")
+    encoder: Component
+    decoder: Component
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate of encoder and decoder")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    clip: Literal["agc", "norm", "none"] = Field(
+        "agc", description="adaptive (unit-wise) clipping, global-norm clipping, or none"
+    )
+    clip_value: float = Field(1.0, gt=0, description="AGC ratio or max global norm")
+    max_skipped_steps: int = Field(
+        50, gt=0, description="consecutive non-finite steps tolerated before the run stops"
+    )
+
+
+class ScheduleSection(Section):
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    lr_decay: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    beta: Component = Field(
+        default_factory=lambda: Component(name="constant", value=1.0),
+        description="β schedule (weight of KL(q || uniform prior))",
+    )
+
+
+class RunSection(Section):
+    steps: int = Field(gt=0, description="optimiser steps")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="held-out eval cadence in steps; 0: at the end")
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    out_dir: str = Field("runs/{recipe}", description="run directory; {recipe} is the file stem")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    grid_images: int = Field(8, ge=1, description="test images in the reconstruction grid")
+
+
+class DistributedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, else gloo")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="extra DeepSpeed config keys, merged last"
+    )
+
+
+class EvalSection(Section):
+    metrics: list[str] = Field(default_factory=lambda: ["mse", "psnr", "ssim", "usage", "beta-elbo"])
+    num_images: int = Field(256, gt=0, description="held-out images evaluated")
+    batch_size: int = Field(64, gt=0)
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-metric options, e.g. [eval.options.fid]"
+    )
+
+
+class CompareSection(Section):
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="label -> partial recipe merged over this one (a new [method] replaces it whole)",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], description="seeds run for every variant")
+
+
+class Recipe(Section):
+    data: DataSection
+    model: ModelSection
+    method: Component
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    run: RunSection
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    compare: CompareSection = Field(default_factory=CompareSection)
+
+
+def _schema_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Field names allowed at ``path`` (for "did you mean")."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _schema_fields(Recipe, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            problems.append(f"[{key}] unknown key{hint} (allowed: {', '.join(allowed)})")
+        elif err["type"] == "missing":
+            problems.append(f"[{key}] is required but missing")
+        else:
+            found = err.get("input")
+            problems.append(f"[{key}] {err['msg']}; found {found!r}")
+    return problems
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as TOML (numbers, booleans, arrays, inline tables), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw recipe dict (a copy)."""
+    out = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected dotted.key=value, e.g. run.steps=100")
+            continue
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item!r}: [{part}] is not a table")
+                break
+        else:
+            node[parts[-1]] = parse_value(value.strip())
+    if problems:
+        raise RecipeError(source, problems)
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(str(path), ["file not found; list shipped recipes with 'ngkit recipes list'"])
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(str(path), [f"not valid TOML: {exc}"]) from exc
+
+
+def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    """Validate the schema and every component's options; raise one RecipeError with all problems."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(source, _format_errors(exc, raw)) from None
+    from ngkit.binding import check_recipe_components
+
+    problems = check_recipe_components(recipe)
+    for label, partial in recipe.compare.variants.items():
+        try:
+            parse_recipe(variant_raw(raw, partial), f"{source} [compare.variants.{label}]")
+        except RecipeError as exc:
+            problems += [f"[compare.variants.{label}] {p}" for p in exc.problems]
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def variant_raw(raw: dict[str, Any], partial: dict[str, Any]) -> dict[str, Any]:
+    """A compare variant as a stand-alone raw recipe: ``partial`` merged over ``raw``; a
+    ``[method]`` naming another method replaces the base's method table, options and all."""
+    base = {k: v for k, v in raw.items() if k != "compare"}
+    if "method" in partial and partial["method"].get("name") != base.get("method", {}).get("name"):
+        base = {**base, "method": {}}
+    return _merge(base, partial)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    raw = apply_overrides(read_toml(path), overrides or [], str(path))
+    return parse_recipe(raw, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe (defaults filled) as plain TOML-able data."""
+    return recipe.model_dump(mode="json", exclude_none=True)
