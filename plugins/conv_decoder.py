@@ -1,0 +1,170 @@
+"""Decoder ``"conv"``: the DAPS paper's ResNet p(x|z) with a per-pixel Gaussian.
+
+Token embeddings on the latent grid -> 3x3 conv -> residual blocks -> stride-2 transposed convs
+(each doubles the side, so image side / grid side must be a power of two, at least 2) -> mean and
+log-variance per pixel, on pixels standardised with the dataset's per-channel mean and std.
+Layer layout follows the authors' ``ResNetDecoder`` (jadex ``networks/resnet.py``).
+
+Also home of :func:`pixel_stats` and :class:`CodeEmbedding`, which the other built-in encoder and
+decoder reuse.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ngkit import hookimpl
+from ngkit.components import Decoder, ImageSpec, LatentSpec, Register
+
+LOG_2PI = math.log(2 * math.pi)
+MIN_VAR, MAX_VAR = 0.01, 1.0  # variance clip in standardised units (DAPS paper, decoder)
+
+
+class ConvDecoder(Decoder):
+    """Gaussian ResNet decoder; ``likelihood = "fixed"`` uses a constant std instead of a
+    predicted variance (then ``forward`` returns only the mean)."""
+
+    def __init__(
+        self,
+        *,
+        image: ImageSpec,
+        latent: LatentSpec,
+        width: int = 64,
+        embed_dim: int = 128,
+        res_blocks: int = 2,
+        likelihood: Literal["gaussian", "fixed"] = "gaussian",
+        fixed_std: float = 1.0,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if likelihood not in ("gaussian", "fixed"):
+            raise ValueError(f'conv decoder: likelihood must be "gaussian" or "fixed", got "{likelihood}"')
+        if fixed_std <= 0:
+            raise ValueError(f"conv decoder: fixed_std must be positive, got {fixed_std}")
+        upsamples = _upsamples(image, latent)
+        self.image, self.latent = image, latent
+        self.embed_dim = embed_dim
+        self.likelihood = likelihood
+        self.fixed_logvar = 2 * math.log(fixed_std)
+        mean, std = pixel_stats(image)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+        self.embedding = CodeEmbedding(latent.codes, embed_dim)
+        out_channels = image.channels * (2 if likelihood == "gaussian" else 1)
+        layers: list[nn.Module] = [nn.Conv2d(embed_dim, width, 3, padding=1)]
+        layers += [_ResBlock(width, batch_norm) for _ in range(res_blocks)]
+        layers.append(nn.ReLU())
+        channels = width
+        for i in range(upsamples):
+            last = i == upsamples - 1
+            nxt = out_channels if last else max(channels // 2, out_channels)
+            # kernel 4, stride 2, padding 1: exactly doubles height and width
+            bias = last or not batch_norm
+            layers.append(nn.ConvTranspose2d(channels, nxt, 4, stride=2, padding=1, bias=bias))
+            if not last:
+                layers += [_norm(nxt, batch_norm), nn.ReLU()]
+            channels = nxt
+        self.net = nn.Sequential(*layers)
+
+    def embed(self, z: Tensor) -> Tensor:
+        return self.embedding(z)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``h [B, L, embed_dim]`` -> ``[B, 2C, H, W]`` (mean, log-variance) or ``[B, C, H, W]``."""
+        b, _, e = h.shape
+        grid = h.transpose(1, 2).reshape(b, e, *self.latent.grid)
+        return self.net(grid)
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """Gaussian log density of the standardised image, summed over pixels (nats, ``[B]``).
+
+        Standardising shifts the density by the constant -sum(log std) per image relative to [0, 1]
+        pixel units; it does not change gradients or the ranking of samples.
+        """
+        mu, logvar = self._mean_logvar(params)
+        xs = (x - self.pixel_mean) / self.pixel_std
+        log_density = -0.5 * (LOG_2PI + logvar + (xs - mu) ** 2 * torch.exp(-logvar))
+        return log_density.flatten(1).sum(-1)
+
+    def mean(self, params: Tensor) -> Tensor:
+        mu, _ = self._mean_logvar(params)
+        return (mu * self.pixel_std + self.pixel_mean).clamp(0, 1)
+
+    def _mean_logvar(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        if self.likelihood == "fixed":
+            return params, params.new_full((), self.fixed_logvar)
+        mu, logvar = params.chunk(2, dim=1)
+        return mu, logvar.clamp(math.log(MIN_VAR), math.log(MAX_VAR))
+
+
+class CodeEmbedding(nn.Module):
+    """Codes ``[..., L]`` (long) or soft one-hots ``[..., L, V]`` -> ``[..., L, dim]`` through one
+    table, so relaxed (Gumbel) and discrete codes land in the same space."""
+
+    def __init__(self, codes: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(codes, dim))  # N(0, 1), nn.Embedding's default
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z @ self.weight if z.is_floating_point() else F.embedding(z, self.weight)
+
+
+def pixel_stats(image: ImageSpec) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std as ``[C, 1, 1]`` tensors; a single value applies to all channels."""
+    stats = []
+    for name, values in (("mean", image.mean), ("std", image.std)):
+        if len(values) not in (1, image.channels):
+            raise ValueError(
+                f"image {name} has {len(values)} values for {image.channels} channels; give one per "
+                "channel or a single value"
+            )
+        full = list(values) * (image.channels if len(values) == 1 else 1)
+        stats.append(torch.tensor(full, dtype=torch.float32).view(-1, 1, 1))
+    return stats[0], stats[1]
+
+
+class _ResBlock(nn.Module):
+    """x + BN(conv1x1(relu(BN(conv3x3(relu(x)))))), as in the authors' ResidualBlocks."""
+
+    def __init__(self, width: int, batch_norm: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=not batch_norm),
+            _norm(width, batch_norm),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 1, bias=not batch_norm),
+            _norm(width, batch_norm),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def _norm(channels: int, batch_norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+
+
+def _upsamples(image: ImageSpec, latent: LatentSpec) -> int:
+    """Number of stride-2 upsamplings from the latent grid to the image."""
+    rows, cols = latent.grid
+    factor = image.height // rows
+    ok = image.height == rows * factor and image.width == cols * factor and factor >= 2
+    if not ok or factor & (factor - 1):
+        raise ValueError(
+            f"conv decoder: the {rows}x{cols} latent grid must scale to the {image.height}x"
+            f"{image.width} image by one power-of-two factor (2, 4, 8, ...); pick a [model] "
+            "patch_size that is a power of two, or use the mlp decoder"
+        )
+    return factor.bit_length() - 1
+
+
+@hookimpl
+def register_decoders(register: Register) -> None:
+    register("conv", ConvDecoder)

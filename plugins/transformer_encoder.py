@@ -1,0 +1,373 @@
+"""Encoder ``"transformer"``: the DAPS paper's q(z|x), shared by DAPS and the baselines.
+
+Patches (one per token, row-major) -> linear projection + learned positions -> pre-LN
+self-attention transformer (the *features*) -> a latent head:
+
+* autoregressive (default): a causal transformer decoder fed its previous tokens (a dedicated
+  START embedding, index V, begins every sequence), cross-attending to the patch features;
+  token l sits on patch l.
+* factorised (``factorised = true``, DAPS-NA): ``latent_depth`` more self-attention blocks over
+  the patch features and a linear head; all tokens independent given x.
+
+Sampling runs the patch transformer once per image and decodes L steps batched over K*B
+sequences with a key/value cache; the K samples of an image share its cross-attention keys
+(queries of all K samples are laid side by side against one copy of the image's keys).
+
+Every parameter is used inside the ``forward`` of the module that owns it, so DeepSpeed ZeRO-3
+gathers it even when the core calls ``sample`` or ``log_prob`` rather than ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ngkit import hookimpl
+from ngkit.components import Encoder, ImageSpec, LatentSpec, Register, TokenLogProb
+from ngkit_plugins.attention import attention
+from ngkit_plugins.conv_decoder import pixel_stats
+
+EMBED_INIT_STD = 0.02  # token/position embeddings, as in GPT-2 and ViT
+
+
+class TransformerEncoder(Encoder):
+    """ViT patch encoder with an autoregressive (or factorised) categorical head over codes."""
+
+    def __init__(
+        self,
+        *,
+        image: ImageSpec,
+        latent: LatentSpec,
+        width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        latent_depth: int = 2,
+        factorised: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        patch = _patch_size(image, latent)
+        if width % heads:
+            raise ValueError(f"transformer encoder: width {width} must be divisible by heads {heads}")
+        self.latent = latent
+        self.autoregressive = not factorised
+        self.feature_dim = width
+        hidden = int(width * mlp_ratio)
+
+        self.patches = _PatchEmbed(image, patch, latent.tokens, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_EncoderBlock(width, heads, hidden, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        if factorised:
+            self.latent_blocks = nn.ModuleList(
+                _EncoderBlock(width, heads, hidden, dropout) for _ in range(latent_depth)
+            )
+        else:
+            self.tokens_in = _TokenInput(latent.codes, latent.tokens, width)
+            self.latent_blocks = nn.ModuleList(
+                _DecoderBlock(width, heads, hidden, dropout) for _ in range(latent_depth)
+            )
+        self.latent_norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, latent.codes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Patch-transformer output ``[B, L, width]`` (the VQ-VAE/FSQ methods' encoder)."""
+        h = self.drop(self.patches(x))
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+    def log_prob(self, x: Tensor, z: Tensor) -> TokenLogProb:
+        """Teacher-forced log q(z|x) for ``z [B, L]`` or ``[K, B, L]`` (K samples per image,
+        x encoded once); logits ``[..., L, V]`` are log-softmaxed."""
+        squeeze = z.dim() == 2
+        zk = z.unsqueeze(0) if squeeze else z
+        feats = self.features(x)
+        if self.autoregressive:
+            start = zk.new_full((zk.shape[1], zk.shape[0], 1), self.latent.codes)
+            prev = torch.cat([start, zk.transpose(0, 1)[..., :-1]], dim=-1)  # [B, K, L]
+            logp = self._teacher_forced(feats, prev).transpose(0, 1)
+            entropy = _entropy(logp)
+        else:
+            base = self._factorised_logp(feats)
+            logp = base.expand(zk.shape[0], *base.shape)
+            entropy = _entropy(base).expand(zk.shape)
+        if squeeze:
+            logp, entropy = logp[0], entropy[0]
+        token_logq = logp.gather(-1, z.unsqueeze(-1)).squeeze(-1)
+        return TokenLogProb(logq=token_logq.sum(-1), logits=logp, entropy=entropy)
+
+    @torch.no_grad()
+    def sample(self, x: Tensor, num_samples: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """``z [K, B, L]`` drawn from q(z|x)^(1/temperature) token by token, and ``logq [K, B]``
+        of those codes under the model itself (temperature 1), i.e. what ``log_prob`` returns."""
+        if temperature <= 0:
+            raise ValueError(
+                f"sampling temperature must be positive, got {temperature}; use mode() for argmax"
+            )
+        feats = self.features(x)
+        if not self.autoregressive:
+            base = self._factorised_logp(feats)  # [B, L, V]
+            probs = (base / temperature).softmax(-1).flatten(0, 1)
+            z = torch.multinomial(probs, num_samples, replacement=True)  # [B*L, K]
+            z = z.view(*base.shape[:2], num_samples).permute(2, 0, 1).contiguous()
+            logq = base.expand(num_samples, *base.shape).gather(-1, z.unsqueeze(-1)).squeeze(-1)
+            return z, logq.sum(-1)
+
+        def draw(logp: Tensor) -> Tensor:
+            probs = (logp / temperature).softmax(-1)
+            return torch.multinomial(probs.flatten(0, -2), 1).view(probs.shape[:-1])
+
+        z, logq = self._autoregress(feats, num_samples, draw)
+        return z.transpose(0, 1).contiguous(), logq.transpose(0, 1).contiguous()
+
+    @torch.no_grad()
+    def mode(self, x: Tensor) -> Tensor:
+        """Greedy codes ``[B, L]``: argmax of each token given the greedy prefix."""
+        feats = self.features(x)
+        if not self.autoregressive:
+            return self._factorised_logp(feats).argmax(-1)
+        return self._autoregress(feats, 1, lambda logp: logp.argmax(-1))[0][:, 0]
+
+    def relaxed_sample(self, x: Tensor, temperature: float, hard: bool) -> tuple[Tensor, Tensor]:
+        """Gumbel-Softmax ``y [B, L, V]`` with gradients and the log-softmaxed logits it came from;
+        the autoregressive head is fed its own relaxed tokens (y @ token embeddings)."""
+        feats = self.features(x)
+        if not self.autoregressive:
+            logp = self._factorised_logp(feats)
+            return _gumbel_softmax(logp, temperature, hard), logp
+        memory = [block.cross.memory(feats) for block in self.latent_blocks]
+        caches = [_KVCache(self.latent.tokens) for _ in self.latent_blocks]
+        prev: Tensor = feats.new_full((feats.shape[0], 1, 1), self.latent.codes, dtype=torch.long)
+        ys, logps = [], []
+        for t in range(self.latent.tokens):
+            logp = self._step(prev, t, memory, caches)[:, 0]  # [B, V]
+            y = _gumbel_softmax(logp, temperature, hard)
+            ys.append(y)
+            logps.append(logp)
+            prev = y[:, None, None, :]
+        return torch.stack(ys, 1), torch.stack(logps, 1)
+
+    def _factorised_logp(self, feats: Tensor) -> Tensor:
+        h = feats
+        for block in self.latent_blocks:
+            h = block(h)
+        return F.log_softmax(self.head(self.latent_norm(h)), dim=-1)
+
+    def _teacher_forced(self, feats: Tensor, prev: Tensor) -> Tensor:
+        """Log-probs ``[B, K, L, V]`` for previous tokens ``prev [B, K, L]`` in one causal pass."""
+        h = self.drop(self.tokens_in(prev))
+        for block in self.latent_blocks:
+            h = block(h, block.cross.memory(feats))
+        return F.log_softmax(self.head(self.latent_norm(h)), dim=-1)
+
+    def _step(
+        self, prev: Tensor, t: int, memory: list[tuple[Tensor, Tensor]], caches: list[_KVCache]
+    ) -> Tensor:
+        """Log-probs ``[B, K, V]`` of token t given token t-1 (``prev [B, K, 1]`` codes or
+        ``[B, K, 1, V]`` relaxed); earlier tokens come from the caches."""
+        h = self.drop(self.tokens_in(prev, start=t))
+        for block, mem, cache in zip(self.latent_blocks, memory, caches):
+            h = block(h, mem, cache)
+        return F.log_softmax(self.head(self.latent_norm(h[:, :, 0])), dim=-1)
+
+    def _autoregress(
+        self, feats: Tensor, num_samples: int, pick: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Decode ``[B, K, L]`` codes (``pick`` maps log-probs ``[B, K, V]`` to codes ``[B, K]``)
+        and their summed model log-probs ``[B, K]``."""
+        b, length = feats.shape[0], self.latent.tokens
+        memory = [block.cross.memory(feats) for block in self.latent_blocks]
+        caches = [_KVCache(length) for _ in self.latent_blocks]
+        prev = feats.new_full((b, num_samples, 1), self.latent.codes, dtype=torch.long)
+        z = feats.new_empty((b, num_samples, length), dtype=torch.long)
+        logq = feats.new_zeros((b, num_samples))
+        for t in range(length):
+            logp = self._step(prev, t, memory, caches)
+            token = pick(logp)
+            z[:, :, t] = token
+            logq += logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+            prev = token.unsqueeze(-1)
+        return z, logq
+
+
+class _PatchEmbed(nn.Module):
+    """Standardised image -> row-major patches (each flattened channel, row, column) -> linear
+    projection + learned positions."""
+
+    def __init__(self, image: ImageSpec, patch: tuple[int, int], tokens: int, width: int) -> None:
+        super().__init__()
+        self.patch = patch
+        mean, std = pixel_stats(image)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.proj = nn.Linear(image.channels * patch[0] * patch[1], width)
+        self.pos = nn.Parameter(torch.randn(tokens, width) * EMBED_INIT_STD)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        ph, pw = self.patch
+        x = (x - self.mean) / self.std
+        x = x.view(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * ph * pw)
+        return self.proj(x) + self.pos
+
+
+class _TokenInput(nn.Module):
+    """Embedding of the previous token plus the position of the token being predicted.
+
+    Row V of the table is START, so no real code doubles as a begin/padding symbol.
+    """
+
+    def __init__(self, codes: int, tokens: int, width: int) -> None:
+        super().__init__()
+        self.codes = codes
+        self.weight = nn.Parameter(torch.randn(codes + 1, width) * EMBED_INIT_STD)
+        self.pos = nn.Parameter(torch.randn(tokens, width) * EMBED_INIT_STD)
+
+    def forward(self, prev: Tensor, start: int = 0) -> Tensor:
+        """``prev``: codes ``[..., M]`` (V = START) or relaxed one-hots ``[..., M, V]``;
+        positions ``start .. start+M-1``."""
+        e = prev @ self.weight[: self.codes] if prev.is_floating_point() else F.embedding(prev, self.weight)
+        return e + self.pos[start : start + e.shape[-2]]
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, causal: bool, cache: _KVCache | None = None) -> Tensor:
+        n, m, d = x.shape
+        q, k, v = self.qkv(x).view(n, m, 3, self.heads, d // self.heads).unbind(2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return self.out(attention(q, k, v, causal=causal).reshape(n, m, d))
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * width, bias=False)
+        self.out = nn.Linear(width, width)
+
+    def memory(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, P, H, head_dim]`` of the patch features, computed once per image."""
+        b, p, d = feats.shape
+        k, v = self.kv(feats).view(b, p, 2, self.heads, d // self.heads).unbind(2)
+        return k, v
+
+    def forward(self, x: Tensor, memory: tuple[Tensor, Tensor]) -> Tensor:
+        b, s, d = x.shape
+        q = self.q(x).view(b, s, self.heads, d // self.heads)
+        return self.out(attention(q, *memory).reshape(b, s, d))
+
+
+def _mlp(width: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-LN block: self-attention over all positions, then an MLP."""
+
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = _SelfAttention(width, heads)
+        self.mlp = _mlp(width, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), causal=False))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class _DecoderBlock(nn.Module):
+    """Pre-LN block over ``[B, K, M, width]``: causal self-attention within each of the K
+    sequences, cross-attention of all K*M queries of an image to its patch keys, MLP."""
+
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = _SelfAttention(width, heads)
+        self.cross = _CrossAttention(width, heads)
+        self.mlp = _mlp(width, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, memory: tuple[Tensor, Tensor], cache: _KVCache | None = None) -> Tensor:
+        """Without a cache: all M positions, causally masked. With one: M = 1 new token that
+        attends to the cached past and itself."""
+        b, k, m, d = x.shape
+        flat = x.reshape(b * k, m, d)
+        flat = flat + self.drop(self.attn(self.ln1(flat), causal=cache is None, cache=cache))
+        seq = flat.view(b, k * m, d)
+        seq = seq + self.drop(self.cross(self.ln2(seq), memory))
+        seq = seq + self.drop(self.mlp(self.ln3(seq)))
+        return seq.view(b, k, m, d)
+
+
+class _KVCache:
+    """Self-attention keys/values of the tokens decoded so far, for one layer.
+
+    Without autograd (sampling) they go into a preallocated ``[N, L, H, head_dim]`` buffer. With
+    autograd (``relaxed_sample``) the buffer grows by concatenation instead, because in-place
+    writes would invalidate the views saved for backward; that costs memory quadratic in L.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.size = 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.is_grad_enabled():
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+            return self.k, self.v
+        if self.k is None or self.v is None:
+            self.k = k.new_empty(k.shape[0], self.length, *k.shape[2:])
+            self.v = v.new_empty(v.shape[0], self.length, *v.shape[2:])
+        self.k[:, self.size] = k[:, 0]
+        self.v[:, self.size] = v[:, 0]
+        self.size += 1
+        return self.k[:, : self.size], self.v[:, : self.size]
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _gumbel_softmax(logp: Tensor, temperature: float, hard: bool) -> Tensor:
+    """softmax((logits + Gumbel noise) / temperature); if ``hard``, the argmax one-hot in the
+    forward pass (exactly: soft - soft is 0) with the soft sample's gradient (straight-through)."""
+    gumbel = -torch.empty_like(logp).exponential_().log()
+    soft = ((logp + gumbel) / temperature).softmax(-1)
+    if not hard:
+        return soft
+    one_hot = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return one_hot + (soft - soft.detach())
+
+
+def _patch_size(image: ImageSpec, latent: LatentSpec) -> tuple[int, int]:
+    """(height, width) of the patch that puts one token on each cell of the latent grid."""
+    rows, cols = latent.grid
+    if image.height % rows or image.width % cols:
+        raise ValueError(
+            f"transformer encoder: a {image.height}x{image.width} image does not split into a "
+            f"{rows}x{cols} grid of equal patches; pick a [model] patch_size that divides both "
+            "image sides"
+        )
+    return image.height // rows, image.width // cols
+
+
+@hookimpl
+def register_encoders(register: Register) -> None:
+    register("transformer", TransformerEncoder)
