@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +81,10 @@ def how_to_provide(name: str) -> str:
         f"  1. pass its path: --{name}-weights /path/to/{spec.filename}\n"
         f"     (in a recipe: the metric's `weights` option)\n"
         f"  2. set the environment variable {env_var(name)}=/path/to/{spec.filename}\n"
-        f"  3. copy it into ngkit's weights cache: {cache_dir() / spec.filename}\n"
-        f"     (NGKIT_CACHE moves the cache; ngkit.weights.add_weights checks and copies a file)\n"
-        f"The file is published at {spec.url}; download it on a machine with internet access."
+        f"  3. put it in ngkit's weights cache: {cache_dir() / spec.filename}\n"
+        f"     ('ngkit weights add FILE' checks the hash and copies it there; NGKIT_CACHE moves the cache)\n"
+        f"The file is published at {spec.url}; download it on a machine with internet access\n"
+        f"(there, 'ngkit weights fetch {name}' downloads and checks it)."
     )
 
 
@@ -160,6 +162,11 @@ def _install(source: Path, name: str) -> Path:
     return destination
 
 
+def _counted(keys: Iterable[str]) -> set[str]:
+    """State-dict keys that must match: all but BatchNorm's step counters."""
+    return {k for k in keys if not k.endswith("num_batches_tracked")}
+
+
 def load_weights(name: str, path: Path, model: nn.Module) -> str:
     """Check the hash, then load the state dict into ``model`` with every name and shape checked.
 
@@ -174,15 +181,12 @@ def load_weights(name: str, path: Path, model: nn.Module) -> str:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
 
-    def counted(keys: object) -> set[str]:
-        return {k for k in keys if not k.endswith("num_batches_tracked")}  # type: ignore[attr-defined]
-
     expected = model.state_dict()
-    missing = sorted(counted(expected) - counted(state))
-    unexpected = sorted(counted(state) - counted(expected))
+    missing = sorted(_counted(expected) - _counted(state))
+    unexpected = sorted(_counted(state) - _counted(expected))
     wrong_shape = [
         f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in sorted(counted(expected) & counted(state))
+        for k in sorted(_counted(expected) & _counted(state))
         if tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     problems = [
@@ -194,5 +198,5 @@ def load_weights(name: str, path: Path, model: nn.Module) -> str:
         raise WeightsError(
             f"{path}: the state dict does not fit the {known(name).description} network: " + "; ".join(problems)
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in counted(expected)}, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k in _counted(expected)}, strict=False)
     return digest

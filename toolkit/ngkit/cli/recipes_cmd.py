@@ -52,3 +52,11 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe files to check
             Console(stderr=True).print(f"[bold red]invalid:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
         console.print(f"[green]ok[/] {escape(str(path))}")
+
+
+@app.command("reference")
+def reference() -> None:
+    """Print the recipe reference (every key and every component option) as Markdown."""
+    from ngkit.recipe import reference_markdown
+
+    print(reference_markdown(), end="")
