@@ -189,9 +189,10 @@ def load_weights(name: str, path: Path, model: nn.Module) -> str:
         for k in sorted(_counted(expected) & _counted(state))
         if tuple(state[k].shape) != tuple(expected[k].shape)
     ]
+    found = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong_shape}
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape))
+        for label, items in found.items()
         if items
     ]
     if problems:
