@@ -175,10 +175,11 @@ def compute_reference_stats(
     weights: str | None = None,
     feature_batch: int = 50,
     device: str | torch.device = "cpu",
+    inception: LoadedInception | None = None,
 ) -> ReferenceStats:
     """Statistics of the Inception features of ``batches`` (``[B, C, H, W]`` in [0, 1]) for
     ``mode = "reference"``; ``source`` says what the images are (dataset, split, N)."""
-    inception = LoadedInception.load(weights, feature_batch)
+    inception = inception or LoadedInception.load(weights, feature_batch)
     accumulator = FrechetInceptionDistance(feature=inception.features, normalize=True).to(device)
     for images in batches:
         accumulator.update(images.to(device), real=True)
@@ -234,6 +235,10 @@ class FidMetric:
         )
         self._images = 0  # N of the last compute (all ranks); until then, this rank's count
         self._device: torch.device | None = None
+
+    def reference_statistics(self, batches: Iterable[Tensor], source: str) -> ReferenceStats:
+        """Statistics of ``batches`` with this metric's network (``ngkit eval stats``)."""
+        return compute_reference_stats(batches, source=source, inception=self.inception)
 
     def update(self, batch: EvalBatch) -> None:
         if self._device != batch.images.device:

@@ -10,8 +10,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["NGKIT_PLUGINS"] = ""
 
-import pytest  # noqa: E402
+import hashlib  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ngkit import weights  # noqa: E402
 from ngkit.plugins import reset_plugin_manager  # noqa: E402
 
 
@@ -22,3 +29,28 @@ def builtin_plugins_only(monkeypatch: pytest.MonkeyPatch):
     reset_plugin_manager()
     yield
     reset_plugin_manager()
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight state dict with the real names, scaled so that features do not vanish."""
+    torch.manual_seed(0)
+    from ngkit_plugins.inception import FIDInceptionV3
+
+    network = FIDInceptionV3()
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("weights") / "random-inception.pth"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def trusted(random_weights: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make ngkit.weights accept the random file as if it were the published one."""
+    digest = hashlib.sha256(random_weights.read_bytes()).hexdigest()
+    spec = replace(weights.KNOWN_WEIGHTS["inception"], sha256=digest)
+    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "inception", spec)
+    monkeypatch.setenv("NGKIT_INCEPTION_WEIGHTS", str(random_weights))
+    return random_weights

@@ -205,29 +205,6 @@ def test_network_stays_in_eval_mode_and_has_no_trainable_parameters() -> None:
 # ---------------------------------------------------------------- weights and the metric
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight state dict with the real names, scaled so that features do not vanish."""
-    torch.manual_seed(0)
-    network = FIDInceptionV3()
-    for module in network.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("weights") / "random-inception.pth"
-    torch.save(network.state_dict(), path)
-    return path
-
-
-@pytest.fixture
-def trusted(random_weights: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Make ngkit.weights accept the random file as if it were the published one."""
-    digest = hashlib.sha256(random_weights.read_bytes()).hexdigest()
-    spec = replace(weights.KNOWN_WEIGHTS["inception"], sha256=digest)
-    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "inception", spec)
-    monkeypatch.setenv("NGKIT_INCEPTION_WEIGHTS", str(random_weights))
-    return random_weights
-
-
 def test_random_weights_without_their_hash_are_rejected(random_weights: Path) -> None:
     with pytest.raises(WeightsError, match="SHA-256"):
         FidMetric(weights=str(random_weights))

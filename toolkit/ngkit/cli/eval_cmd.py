@@ -111,6 +111,23 @@ class _TrainAsTest:
         return itertools.islice(stream, share)
 
 
+def write_reference_stats(
+    dataset: str, out: Path, *, num_images: int | None, weights: Path | None, batch_size: int
+) -> None:
+    """FID reference statistics of a registered dataset's held-out images (default options)."""
+    from ngkit.binding import build_component
+    from ngkit.data import test_batches
+
+    data = build_component("datasets", {"name": dataset}, {}, "dataset")
+    options = {"weights": str(weights)} if weights else {}
+    fid = build_component("metrics", {"name": "fid", **options}, {}, "fid")
+    if not hasattr(fid, "reference_statistics"):
+        raise NgkitError('the registered "fid" metric cannot compute reference statistics')
+    source = f"{dataset} held-out images ({num_images or 'all'})"
+    stats = fid.reference_statistics(test_batches(data, batch_size, 0, 1, num_images), source)
+    stats.save(out)
+
+
 def print_record(record: dict[str, Any]) -> None:
     table = Table(title=f"{record['run']} @ {record['checkpoint']} ({record['split']}, N={record['num_images']})")
     table.add_column("metric")
@@ -147,11 +164,9 @@ def eval_command(
     if target == "stats":
         if dataset is None or out is None:
             raise NgkitError("usage: ngkit eval stats DATASET --out FILE.npz [--num-images N]")
-        from ngkit.reference_stats import write_reference_stats
-
-        path = write_reference_stats(dataset, out, num_images=num_images, weights=inception_weights,
-                                     batch_size=batch_size or 50)
-        console.print(f"reference statistics written to {escape(str(path))}")
+        write_reference_stats(dataset, out, num_images=num_images, weights=inception_weights,
+                              batch_size=batch_size or 50)
+        console.print(f"reference statistics written to {escape(str(out))}")
         return
     record = eval_run(
         Path(target), metric, num_images=num_images, data=data, split=split, reference_stats=reference_stats,
