@@ -214,22 +214,22 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; a component table whose ``name`` changes replaces the old one whole, so
+    options of the old component never leak into the new one."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        old = out.get(key)
+        renamed = isinstance(value, dict) and "name" in value and isinstance(old, dict) and old.get("name") != value["name"]
+        if isinstance(value, dict) and isinstance(old, dict) and not renamed:
+            out[key] = _merge(old, value)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
 def variant_raw(raw: dict[str, Any], partial: dict[str, Any]) -> dict[str, Any]:
-    """A compare variant as a stand-alone raw recipe: ``partial`` merged over ``raw``; a
-    ``[method]`` naming another method replaces the base's method table, options and all."""
-    base = {k: v for k, v in raw.items() if k != "compare"}
-    if "method" in partial and partial["method"].get("name") != base.get("method", {}).get("name"):
-        base = {**base, "method": {}}
-    return _merge(base, partial)
+    """A compare variant as a stand-alone raw recipe: ``partial`` merged over ``raw``."""
+    return _merge({k: v for k, v in raw.items() if k != "compare"}, partial)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -1,0 +1,71 @@
+"""``ngkit compare``: variants merged over one recipe, every output file, one row per method."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import tomli_w
+
+from ngkit.cli.main import main
+from ngkit.recipe import parse_recipe, variant_raw
+from tiny_recipe import tiny
+
+
+def test_variant_replaces_a_renamed_component_and_merges_the_rest():
+    base = tiny(method={"name": "daps-na", "samples": 4, "step_size": {"name": "ess", "target": 0.25}})
+    same = variant_raw(base, {"method": {"step_size": {"target": 0.5}}})
+    assert same["method"] == {"name": "daps-na", "samples": 4, "step_size": {"name": "ess", "target": 0.5}}
+    renamed = variant_raw(base, {"method": {"step_size": {"name": "kl", "bound": 1.0}}})
+    assert renamed["method"]["step_size"] == {"name": "kl", "bound": 1.0}
+    other = variant_raw(base, {"method": {"name": "fsq"}, "model": {"encoder": {"depth": 2}}})
+    assert other["method"] == {"name": "fsq"}
+    assert other["model"]["encoder"]["depth"] == 2 and other["model"]["encoder"]["width"] == 32
+
+
+def test_bad_variant_is_reported_at_validation():
+    raw = tiny(compare={"variants": {"broken": {"method": {"name": "fsq", "samples": 3}}}})
+    try:
+        parse_recipe(raw, "r.toml")
+    except Exception as exc:  # RecipeError
+        assert "[compare.variants.broken]" in str(exc) and "samples" in str(exc)
+    else:
+        raise AssertionError("a variant with a bad option must not validate")
+
+
+def test_compare_writes_table_figures_and_one_row_per_method(tmp_path, capsys):
+    raw = tiny(
+        run={"steps": 3, "eval_every": 0, "checkpoint_every": 0, "log_every": 1},
+        eval={"metrics": ["mse", "psnr", "usage"], "num_images": 16},
+        compare={"variants": {
+            "daps-na": {},
+            "fsq": {"method": {"name": "fsq", "quantizer": {"name": "fsq", "levels": [4, 4]}}},
+        }},
+    )
+    recipe = tmp_path / "cmp.toml"
+    recipe.write_text(tomli_w.dumps(raw))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(recipe), "--methods", "daps-na,fsq,vqvae", "--seeds", "2", "--out", str(out)]) == 0
+    for name in ("results.md", "results.csv", "results.json", "curves.png", "reconstructions.png"):
+        assert (out / name).is_file(), name
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [row["variant"] for row in table] == ["daps-na", "fsq", "vqvae"]
+    assert all(row["seeds"] == 2 and "psnr" in row and "psnr_std" in row for row in table)
+    assert all(row["bits_per_image"] == 64 for row in table)  # same bits for every method
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["seed"] for r in rows} == {"0", "1"}
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 4 and "±" in md  # header + 3 methods
+
+
+def test_compare_by_seconds_calibrates_steps(tmp_path):
+    raw = tiny(run={"steps": 3, "eval_every": 0, "checkpoint_every": 0}, eval={"metrics": ["mse"], "num_images": 8})
+    recipe = tmp_path / "cmp.toml"
+    recipe.write_text(tomli_w.dumps(raw))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(recipe), "--methods", "daps-na", "--seconds", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["steps"]["daps-na"] >= 1 and "1 s of training" in data["budget"]
+    assert data["runs"][0]["step"] == data["steps"]["daps-na"]
