@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ngkit.components import Decoder, Encoder, Method
 
@@ -48,3 +48,40 @@ class CategoricalVAE(Method):
         logp, _ = self.decoder_log_prob(x, z)
         kl = self.latent.tokens * math.log(self.latent.codes) - entropy
         return logp[0] - beta * kl
+
+
+class DeadCodeSplitter(nn.Module):
+    """Revives codes the encoder stopped sampling: every ``every`` steps, each code drawn zero
+    times since the last check takes over half of a used code (chosen in proportion to use) in
+    encoder and decoder alike (:meth:`Encoder.split_codes`, :meth:`Decoder.split_codes`).
+
+    The split keeps q(z|x) and the decoder's output unchanged up to ``noise``, so training does
+    not jump; the noise lets the two copies specialise. Counts are summed over ranks and the
+    random choices are seeded by the step, so every rank makes the same split.
+    """
+
+    def __init__(self, codes: int, every: int, noise: float) -> None:
+        super().__init__()
+        self.every, self.noise = every, noise
+        self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64))
+
+    @torch.no_grad()
+    def observe(self, z: Tensor) -> None:
+        self.counts += torch.bincount(z.flatten(), minlength=self.counts.numel()).to(self.counts)
+
+    @torch.no_grad()
+    def maybe_split(self, step: int, encoder: Encoder, decoder: Decoder) -> dict[str, float]:
+        if self.every <= 0 or step % self.every:
+            return {}
+        counts = self.counts.clone()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(counts)
+        self.counts.zero_()
+        dead = (counts == 0).nonzero().flatten()
+        if dead.numel() == 0 or dead.numel() == counts.numel():
+            return {"codes_split": 0.0}
+        generator = torch.Generator().manual_seed(step)
+        src = torch.multinomial(counts.cpu(), dead.numel(), replacement=True, generator=generator)
+        encoder.split_codes(dead.cpu(), src)
+        decoder.split_codes(dead.cpu(), src, self.noise, generator)
+        return {"codes_split": float(dead.numel())}

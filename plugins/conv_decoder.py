@@ -72,6 +72,9 @@ class ConvDecoder(Decoder):
             channels = nxt
         self.net = nn.Sequential(*layers)
 
+    def split_codes(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
+        self.embedding.split(dst, src, noise, generator)
+
     def embed(self, z: Tensor) -> Tensor:
         return self.embedding(z)
 
@@ -113,6 +116,14 @@ class CodeEmbedding(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return z @ self.weight if z.is_floating_point() else F.embedding(z, self.weight)
+
+    @torch.no_grad()
+    def split(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
+        """Rows ``dst`` become rows ``src`` plus noise of ``noise`` times their RMS."""
+        dst, src = dst.to(self.weight.device), src.to(self.weight.device)
+        rows = self.weight[src]
+        jitter = torch.randn(rows.shape, generator=generator).to(rows) * rows.pow(2).mean(-1, keepdim=True).sqrt()
+        self.weight[dst] = rows + noise * jitter
 
 
 def pixel_stats(image: ImageSpec) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ from ngkit.components import (
     StepOutput,
     StepSizePolicy,
 )
-from ngkit_plugins.categorical_vae import CategoricalVAE
+from ngkit_plugins.categorical_vae import CategoricalVAE, DeadCodeSplitter
 
 
 class Daps(CategoricalVAE):
@@ -42,7 +42,11 @@ class Daps(CategoricalVAE):
         samples: int = 8,
         proxy: Annotated[PosteriorProxy, Ref("posterior_proxies")] = "daps",  # type: ignore[assignment]
         step_size: Annotated[StepSizePolicy, Ref("step_size_policies")] = "ess",  # type: ignore[assignment]
+        split_dead_codes: int = 0,
+        split_noise: float = 0.1,
     ) -> None:
+        """``split_dead_codes``: every that many steps, codes not sampled since the last check
+        take over half of a used code (:class:`DeadCodeSplitter`); 0 (the paper) never."""
         if self.factorised_only and encoder.autoregressive:
             raise ValueError(
                 f'method "{self.name}" needs a factorised (non-autoregressive) encoder, but the '
@@ -57,10 +61,12 @@ class Daps(CategoricalVAE):
         self.proxy = proxy
         self.step_size = step_size  # an nn.Module policy becomes a submodule: its state is checkpointed
         self._last: tuple[Tensor, Tensor, float] | None = None
+        self.splitter = DeadCodeSplitter(self.latent.codes, split_dead_codes, split_noise)
 
     def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
         beta = float(self.beta(step))
         z, _ = self.encoder.sample(x, self.samples)  # [K, B, L], no gradient
+        self.splitter.observe(z)
         enc = self.encoder.log_prob(x, z)  # teacher-forced, logq [K, B] with gradient
         logp, _ = self.decoder_log_prob(x, z)  # [K, B]
         logp_sg, logq_sg = logp.detach(), enc.logq.detach()
@@ -101,7 +107,8 @@ class Daps(CategoricalVAE):
             return {}
         logp, logq, beta = self._last
         self._last = None
-        return self.step_size.update(logp, logq, beta)
+        logs = self.step_size.update(logp, logq, beta)
+        return {**logs, **self.splitter.maybe_split(step, self.encoder, self.decoder)}
 
 
 class DapsNA(Daps):

@@ -40,6 +40,9 @@ class MlpDecoder(Decoder):
         net.append(nn.Linear(size, image.num_pixels))
         self.net = nn.Sequential(*net)
 
+    def split_codes(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
+        self.embedding.split(dst, src, noise, generator)
+
     def embed(self, z: Tensor) -> Tensor:
         return self.embedding(z)
 

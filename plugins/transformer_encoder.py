@@ -19,6 +19,8 @@ gathers it even when the core calls ``sample`` or ``log_prob`` rather than ``for
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -73,6 +75,17 @@ class TransformerEncoder(Encoder):
             )
         self.latent_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, latent.codes)
+
+    @torch.no_grad()
+    def split_codes(self, dst: Tensor, src: Tensor) -> None:
+        """Code d copies code s in the head (and, autoregressive, as the next token's input);
+        both get logit b_s - log 2, so q(z|x) keeps its value on every relabelled sequence."""
+        for d, s in zip(dst.tolist(), src.tolist()):
+            self.head.weight[d] = self.head.weight[s]
+            self.head.bias[s] -= math.log(2.0)
+            self.head.bias[d] = self.head.bias[s]
+            if self.autoregressive:
+                self.tokens_in.weight[d] = self.tokens_in.weight[s]
 
     def features(self, x: Tensor) -> Tensor:
         """Patch-transformer output ``[B, L, width]`` (the VQ-VAE/FSQ methods' encoder)."""

@@ -134,6 +134,11 @@ class Encoder(nn.Module):
         autoregressive encoder feeds its own relaxed tokens back in."""
         raise NotImplementedError
 
+    def split_codes(self, dst: Tensor, src: Tensor) -> None:
+        """Make each code ``dst[i]`` a copy of ``src[i]`` that takes half of its probability, so
+        q(z|x) is unchanged up to the relabelling (used to revive dead codes)."""
+        raise NotImplementedError
+
 
 class Decoder(nn.Module):
     """p(x|z): token embeddings on the latent grid -> per-pixel likelihood."""
@@ -154,6 +159,10 @@ class Decoder(nn.Module):
 
     def mean(self, params: Tensor) -> Tensor:
         """The reconstruction ``[B, C, H, W]`` in [0, 1] pixel space."""
+        raise NotImplementedError
+
+    def split_codes(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
+        """Give each code ``dst[i]`` the embedding of ``src[i]`` plus relative Gaussian ``noise``."""
         raise NotImplementedError
 
 

@@ -95,7 +95,10 @@ class DistributedSection(Section):
 
 class EvalSection(Section):
     metrics: list[str] = Field(default_factory=lambda: ["mse", "psnr", "ssim", "usage", "beta-elbo"])
-    num_images: int = Field(256, gt=0, description="held-out images evaluated")
+    num_images: int = Field(256, gt=0, description="held-out images evaluated at the end")
+    periodic_images: int | None = Field(
+        None, gt=0, description="held-out images at each eval_every (default: num_images)"
+    )
     batch_size: int = Field(64, gt=0)
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-metric options, e.g. [eval.options.fid]"

@@ -116,10 +116,10 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     )
     train_metrics = [m for m in recipe.eval.metrics if m not in EXPENSIVE_METRICS]
 
-    def run_eval(step: int, names: list[str]) -> Any:
+    def run_eval(step: int, names: list[str], num_images: int) -> Any:
         metrics = build_metrics(names, recipe.eval.options)
         return evaluate(
-            method, built.dataset, metrics, num_images=recipe.eval.num_images, batch_size=recipe.eval.batch_size,
+            method, built.dataset, metrics, num_images=num_images, batch_size=recipe.eval.batch_size,
             beta=built.beta(step), device=dist.device, rank=dist.rank, world_size=dist.world_size,
             keep=run_cfg.grid_images, dtype=dtype,
         )
@@ -186,7 +186,7 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
                 window_steps, t_window = 0, time.perf_counter()
 
             if run_cfg.eval_every and step % run_cfg.eval_every == 0 and step != run_cfg.steps:
-                result = run_eval(step, train_metrics)
+                result = run_eval(step, train_metrics, recipe.eval.periodic_images or recipe.eval.num_images)
                 record = {"kind": "eval", "step": step, **{f"test/{k}": v for k, v in result.values.items()}}
                 if main:
                     writer.write(record)
@@ -200,7 +200,7 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     train_seconds = time.perf_counter() - t_start
     if step > start_step or resume_tag is None:
         save(step)
-    result = run_eval(step, recipe.eval.metrics)
+    result = run_eval(step, recipe.eval.metrics, recipe.eval.num_images)
     summary = {
         "recipe": resolved.get("method", {}).get("name"),
         "step": step,
