@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ngkit.components import Decoder, Encoder, Method
+from ngkit.engine.distributed import sum_over_ranks
 
 
 class CategoricalVAE(Method):
@@ -51,37 +52,41 @@ class CategoricalVAE(Method):
 
 
 class DeadCodeSplitter(nn.Module):
-    """Revives codes the encoder stopped sampling: every ``every`` steps, each code drawn zero
-    times since the last check takes over half of a used code (chosen in proportion to use) in
-    encoder and decoder alike (:meth:`Encoder.split_codes`, :meth:`Decoder.split_codes`).
+    """Revives codes the encoder has all but stopped using: every ``every`` steps, each code
+    drawn less than ``below`` times its uniform share (1/V of all draws) since the last check
+    takes over part of a used code (chosen in proportion to use), in encoder and decoder alike
+    (:meth:`Encoder.split_codes`, :meth:`Decoder.split_codes`).
 
-    The split keeps q(z|x) and the decoder's output unchanged up to ``noise``, so training does
-    not jump; the noise lets the two copies specialise. Counts are summed over ranks and the
-    random choices are seeded by the step, so every rank makes the same split.
+    The split keeps q(z|x) and the decoder's output unchanged up to ``noise`` (and the mass
+    the revived codes had), so training does not jump; the noise lets the copies specialise,
+    as when k-means splits a cluster. Counts are summed over ranks and the random choices are
+    seeded by the step, so every rank makes the same split.
     """
 
-    def __init__(self, codes: int, every: int, noise: float) -> None:
+    def __init__(self, codes: int, every: int, noise: float, below: float) -> None:
         super().__init__()
-        self.every, self.noise = every, noise
-        self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64))
+        self.every, self.noise, self.below = every, noise, below
+        # Not saved: after a resume the window simply starts afresh.
+        self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
     def observe(self, z: Tensor) -> None:
-        self.counts += torch.bincount(z.flatten(), minlength=self.counts.numel()).to(self.counts)
+        if self.every > 0:
+            self.counts += torch.bincount(z.flatten(), minlength=self.counts.numel()).to(self.counts)
 
     @torch.no_grad()
     def maybe_split(self, step: int, encoder: Encoder, decoder: Decoder) -> dict[str, float]:
         if self.every <= 0 or step % self.every:
             return {}
-        counts = self.counts.clone()
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(counts)
+        counts = sum_over_ranks(self.counts).cpu().clone()
         self.counts.zero_()
-        dead = (counts == 0).nonzero().flatten()
+        share = counts / counts.sum().clamp_min(1) * counts.numel()  # 1.0 = uniform use
+        dead = (share < self.below).nonzero().flatten()
         if dead.numel() == 0 or dead.numel() == counts.numel():
             return {"codes_split": 0.0}
+        live = torch.where(share < self.below, torch.zeros_like(counts), counts)
         generator = torch.Generator().manual_seed(step)
-        src = torch.multinomial(counts.cpu(), dead.numel(), replacement=True, generator=generator)
-        encoder.split_codes(dead.cpu(), src)
-        decoder.split_codes(dead.cpu(), src, self.noise, generator)
+        src = torch.multinomial(live, dead.numel(), replacement=True, generator=generator)
+        encoder.split_codes(dead, src)
+        decoder.split_codes(dead, src, self.noise, generator)
         return {"codes_split": float(dead.numel())}

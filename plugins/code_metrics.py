@@ -13,25 +13,12 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-import ngkit
-from ngkit import hookimpl
+from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, LatentSpec, Register
+from ngkit.engine.distributed import sum_over_ranks
 from ngkit.errors import NgkitError
-
-
-def sum_over_ranks(values: Tensor) -> Tensor:
-    """``values`` summed over all ranks (a copy; the local state is left as it is)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
-
-
-def _versions() -> dict[str, str]:
-    return {"ngkit": ngkit.__version__, "torch": torch.__version__}
 
 
 class CodeUsageMetric:
@@ -91,7 +78,7 @@ class CodeUsageMetric:
             ),
             "tokens": self._tokens,
             "latent": {"grid": list(latent.grid), "codes": latent.codes} if latent else None,
-            "versions": _versions(),
+            "versions": versions(),
         }
 
 
@@ -146,7 +133,7 @@ class BetaElboMetric:
             ),
             "images": self._images,
             "dimensions": self._dims,
-            "versions": _versions(),
+            "versions": versions(),
         }
 
 

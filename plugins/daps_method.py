@@ -23,6 +23,7 @@ from ngkit.components import (
     Register,
     StepOutput,
     StepSizePolicy,
+    host_logs,
 )
 from ngkit_plugins.categorical_vae import CategoricalVAE, DeadCodeSplitter
 
@@ -43,10 +44,12 @@ class Daps(CategoricalVAE):
         proxy: Annotated[PosteriorProxy, Ref("posterior_proxies")] = "daps",  # type: ignore[assignment]
         step_size: Annotated[StepSizePolicy, Ref("step_size_policies")] = "ess",  # type: ignore[assignment]
         split_dead_codes: int = 0,
+        split_below: float = 0.1,
         split_noise: float = 0.1,
     ) -> None:
-        """``split_dead_codes``: every that many steps, codes not sampled since the last check
-        take over half of a used code (:class:`DeadCodeSplitter`); 0 (the paper) never."""
+        """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
+        times their uniform share take over part of a used code (:class:`DeadCodeSplitter`);
+        0 (the paper) never."""
         if self.factorised_only and encoder.autoregressive:
             raise ValueError(
                 f'method "{self.name}" needs a factorised (non-autoregressive) encoder, but the '
@@ -61,7 +64,7 @@ class Daps(CategoricalVAE):
         self.proxy = proxy
         self.step_size = step_size  # an nn.Module policy becomes a submodule: its state is checkpointed
         self._last: tuple[Tensor, Tensor, float] | None = None
-        self.splitter = DeadCodeSplitter(self.latent.codes, split_dead_codes, split_noise)
+        self.splitter = DeadCodeSplitter(self.latent.codes, split_dead_codes, split_noise, split_below)
 
     def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
         beta = float(self.beta(step))
@@ -94,9 +97,7 @@ class Daps(CategoricalVAE):
             "advantage_std": adv.std(dim=0).mean(),  # spread over the K samples of an image
             "weight_max": proxy.weights.amax(dim=0).mean(),
         }
-        # One device-to-host copy for all logs.
-        values = torch.stack([v.detach().double().to(loss.device) for v in stats.values()]).tolist()
-        logs = dict(zip(stats, values, strict=True))
+        logs = host_logs(stats)
         logs["beta"] = beta
         return StepOutput(loss=loss, logs=logs)
 

@@ -24,12 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torchmetrics
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-import ngkit
-from ngkit import hookimpl
+from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, Register
 from ngkit.errors import DataError, NgkitError, WeightsError
 from ngkit.weights import find_weights, load_weights, sha256_of
@@ -118,10 +116,6 @@ class LoadedInception:
         return {"network": NETWORK, "weights_file": self.path.name, "weights_sha256": self.sha256}
 
 
-def _versions() -> dict[str, str]:
-    return {"ngkit": ngkit.__version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
-
-
 @dataclass
 class ReferenceStats:
     """Gaussian statistics of a reference image set, saved as ``.npz`` (``mu``, ``sigma``, plus
@@ -186,7 +180,7 @@ def compute_reference_stats(
     with accumulator.sync_context():
         n = int(accumulator.real_features_num_samples)
         mu, sigma = gaussian_of(accumulator.real_features_sum, accumulator.real_features_cov_sum, n)
-    protocol = {"source": source, "images": n, "resize": RESIZE, **inception.describe(), "versions": _versions()}
+    protocol = {"source": source, "images": n, "resize": RESIZE, **inception.describe(), "versions": versions()}
     return ReferenceStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, inception.sha256, protocol)
 
 
@@ -280,7 +274,7 @@ class FidMetric:
             "resize": RESIZE,
             **self.inception.describe(),
             "statistics": "float64 mean and unbiased covariance; Fréchet distance in float64",
-            "versions": _versions(),
+            "versions": versions(),
         }
 
 

@@ -11,13 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ngkit import hookimpl
-from ngkit.components import BetaSchedule, Decoder, Encoder, Register, StepOutput
+from ngkit.components import BetaSchedule, Decoder, Encoder, Register, StepOutput, host_logs
 from ngkit_plugins.categorical_vae import CategoricalVAE
 
-
-def host_logs(stats: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar tensors -> floats in one device-to-host copy (one sync per step, not per number)."""
-    return dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
 
 
 def kl_to_uniform(logits: Tensor) -> Tensor:

@@ -10,30 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torchmetrics
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-import ngkit
-from ngkit import hookimpl
+from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, Register
+from ngkit.engine.distributed import sum_over_ranks
 from ngkit.errors import NgkitError
 
 SSIM_SIGMA = 1.5  # Wang et al. (2004): Gaussian window sigma 1.5 ...
 SSIM_WINDOW = 11  # ... truncated to 11 taps (radius int(3.5 * sigma + 0.5), as scikit-image)
-
-
-def sum_over_ranks(values: Tensor) -> Tensor:
-    """``values`` summed over all ranks (a copy; the local state is left as it is)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
-
-
-def _versions() -> dict[str, str]:
-    return {"ngkit": ngkit.__version__, "torch": torch.__version__}
 
 
 class _PerImageMean:
@@ -79,7 +65,7 @@ class MseMetric:
             "metric": "mse",
             "definition": "mean over images of the per-pixel squared error, pixels in [0, 1]",
             "images": self._images,
-            "versions": _versions(),
+            "versions": versions(),
         }
 
 
@@ -105,7 +91,7 @@ class PsnrMetric:
             "metric": "psnr",
             "definition": "mean over images of -10 log10(MSE) dB, pixels in [0, 1], peak 1",
             "images": self._images,
-            "versions": _versions(),
+            "versions": versions(),
         }
 
 
@@ -169,7 +155,7 @@ class SsimMetric:
             "window": k,
             "sigma": sigma,
             "images": self._images,
-            "versions": {**_versions(), "torchmetrics": torchmetrics.__version__},
+            "versions": versions(),
         }
 
 

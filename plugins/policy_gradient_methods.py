@@ -14,17 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import BetaSchedule, Decoder, Encoder, ImageSpec, Register, StepOutput
+from ngkit.components import BetaSchedule, Decoder, Encoder, ImageSpec, Register, StepOutput, host_logs
 from ngkit_plugins.categorical_vae import CategoricalVAE
 
 KL_BAND = 1.5  # PPO-penalty: adapt when KL leaves [target/1.5, target*1.5] (Schulman et al. 2017, §4)
 KL_GAIN = 2.0  # ... by halving or doubling the coefficient (same source)
 KL_COEF_RANGE = (1e-3, 1e3)  # clip of the coefficient (reference code's configs)
 
-
-def host_logs(stats: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar tensors -> floats in one device-to-host copy (one sync per step, not per number)."""
-    return dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
 
 
 def leave_one_out(reward: Tensor) -> Tensor:

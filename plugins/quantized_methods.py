@@ -9,13 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import Decoder, Encoder, LatentSpec, Method, Ref, Register, StepOutput
+from ngkit.components import Decoder, Encoder, LatentSpec, Method, Ref, Register, StepOutput, host_logs
 from ngkit_plugins.quantizers import Quantizer
 
-
-def host_logs(stats: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar tensors -> floats in one device-to-host copy (one sync per step, not per number)."""
-    return dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
 
 
 class QuantizedAutoencoder(Method):

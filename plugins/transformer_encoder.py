@@ -78,14 +78,16 @@ class TransformerEncoder(Encoder):
 
     @torch.no_grad()
     def split_codes(self, dst: Tensor, src: Tensor) -> None:
-        """Code d copies code s in the head (and, autoregressive, as the next token's input);
-        both get logit b_s - log 2, so q(z|x) keeps its value on every relabelled sequence."""
-        for d, s in zip(dst.tolist(), src.tolist()):
-            self.head.weight[d] = self.head.weight[s]
-            self.head.bias[s] -= math.log(2.0)
-            self.head.bias[d] = self.head.bias[s]
-            if self.autoregressive:
-                self.tokens_in.weight[d] = self.tokens_in.weight[s]
+        """Code d copies code s in the head (and, autoregressive, as the next token's input).
+        A code split into n copies shares its logit among n + 1 codes (each b_s - log(n + 1)),
+        so q(z|x) is unchanged on relabelled sequences up to the mass the copies had before."""
+        dst, src = dst.to(self.head.weight.device), src.to(self.head.weight.device)
+        copies = torch.bincount(src, minlength=self.latent.codes).to(self.head.bias)
+        self.head.bias -= torch.log1p(copies)
+        self.head.weight[dst] = self.head.weight[src]
+        self.head.bias[dst] = self.head.bias[src]
+        if self.autoregressive:
+            self.tokens_in.weight[dst] = self.tokens_in.weight[src]
 
     def features(self, x: Tensor) -> Tensor:
         """Patch-transformer output ``[B, L, width]`` (the VQ-VAE/FSQ methods' encoder)."""

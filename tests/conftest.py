@@ -31,6 +31,16 @@ def builtin_plugins_only(monkeypatch: pytest.MonkeyPatch):
     reset_plugin_manager()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: on tensors this small, or on a busy 2-core
+    machine, threads waiting on each other make things several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight state dict with the real names, scaled so that features do not vanish."""

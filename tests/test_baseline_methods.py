@@ -34,13 +34,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on shared CPU cores extra intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, options: dict[str, Any], latent: LatentSpec = LATENT) -> Method:

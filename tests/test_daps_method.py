@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -118,16 +117,6 @@ def test_samples_must_allow_a_comparison() -> None:
     encoder, decoder = toy_pair()
     with pytest.raises(ValueError, match="samples"):
         Daps(encoder=encoder, decoder=decoder, beta=Constant(0.1), samples=1, proxy=DapsProxy(), step_size=FixedEta())
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Intra-op threads on tensors this small only add synchronisation (10x slower on a busy 2-core
-    machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("step_size", ["kl", "ess"])

@@ -16,7 +16,6 @@ import pytest
 import scipy.linalg
 import torch
 from skimage import data as skdata
-from torch import nn
 
 from ngkit import weights
 from ngkit.components import EvalBatch, LatentSpec
@@ -33,14 +32,7 @@ from ngkit_plugins.inception import FIDInceptionV3, _avg_pool_tf
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core test machine, two threads that wait on each
-    other make the 299x299 forward passes and 2048-d eigendecompositions several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- the Fréchet distance

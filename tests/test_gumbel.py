@@ -18,13 +18,7 @@ N = 40_000
 EULER_GAMMA = 0.5772156649  # mean of the standard Gumbel distribution
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on shared CPU cores extra intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_logits_encoder(logits: list[float]):

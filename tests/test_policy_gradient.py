@@ -18,13 +18,7 @@ from ngkit_plugins.policy_gradient_methods import (
     leave_one_out,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on shared CPU cores extra intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_leave_one_out_by_hand() -> None:

@@ -18,4 +18,14 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("ngkit")
 """Marker for plugin hook implementations."""
 
-__all__ = ["__version__", "hookimpl"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide a number, recorded with every metric."""
+    import torch
+    import torchmetrics
+
+    return {"ngkit": __version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
+
+
+__all__ = ["__version__", "hookimpl", "versions"]

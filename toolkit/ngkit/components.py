@@ -175,6 +175,12 @@ class StepOutput(NamedTuple):
     logs: dict[str, float]
 
 
+def host_logs(stats: dict[str, Tensor]) -> dict[str, float]:
+    """Scalar tensors -> floats in one device-to-host copy (one sync per step, not per number)."""
+    device = next(iter(stats.values())).device
+    return dict(zip(stats, torch.stack([v.detach().double().to(device) for v in stats.values()]).tolist()))
+
+
 class Method(nn.Module):
     """A training method (DAPS or a baseline). Owns every trainable module; the engine wraps
     it with DeepSpeed, calls ``forward`` for the loss, steps the optimiser, then

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ngkit import __version__
+from ngkit import versions
 from ngkit.errors import NgkitError
 
 console = Console(stderr=True)
@@ -32,13 +32,6 @@ def _metric_options(metrics: list[str], reference_stats: Path | None, weights: P
             fid["weights"] = str(weights)
         options["fid"] = fid
     return options
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import torchmetrics
-
-    return {"ngkit": __version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
 
 
 def eval_run(
@@ -87,7 +80,7 @@ def eval_run(
         "beta": beta,
         "values": result.values,
         "protocol": result.protocols,
-        "versions": _versions(),
+        "versions": versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if dist.rank == 0:

@@ -59,3 +59,11 @@ def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over all ranks (a copy; the local state is left as it is)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
