@@ -40,6 +40,7 @@ class ConvDecoder(Decoder):
         likelihood: Literal["gaussian", "fixed"] = "gaussian",
         fixed_std: float = 1.0,
         batch_norm: bool = True,
+        code_digits: int = 1,
     ) -> None:
         super().__init__()
         if likelihood not in ("gaussian", "fixed"):
@@ -55,7 +56,7 @@ class ConvDecoder(Decoder):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
-        self.embedding = CodeEmbedding(latent.codes, embed_dim)
+        self.embedding = CodeEmbedding(latent.codes, embed_dim, code_digits)
         out_channels = image.channels * (2 if likelihood == "gaussian" else 1)
         layers: list[nn.Module] = [nn.Conv2d(embed_dim, width, 3, padding=1)]
         layers += [_ResBlock(width, batch_norm) for _ in range(res_blocks)]
@@ -108,18 +109,42 @@ class ConvDecoder(Decoder):
 
 class CodeEmbedding(nn.Module):
     """Codes ``[..., L]`` (long) or soft one-hots ``[..., L, V]`` -> ``[..., L, dim]`` through one
-    table, so relaxed (Gumbel) and discrete codes land in the same space."""
+    table, so relaxed (Gumbel) and discrete codes land in the same space.
 
-    def __init__(self, codes: int, dim: int) -> None:
+    ``digits > 1`` builds the table from shared parts: code c, written in base b = ceil(V^(1/d))
+    with d digits, embeds as the sum of one learned vector per digit. A code the encoder rarely
+    picks then still decodes sensibly from parts trained by other codes (with d = 1 every code
+    has its own row, trained only when it is drawn).
+    """
+
+    def __init__(self, codes: int, dim: int, digits: int = 1) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(codes, dim))  # N(0, 1), nn.Embedding's default
+        if digits < 1:
+            raise ValueError(f"code embedding: digits must be >= 1, got {digits}")
+        self.codes, self.digits = codes, digits
+        if digits == 1:
+            self.weight = nn.Parameter(torch.randn(codes, dim))  # N(0, 1), nn.Embedding's default
+            return
+        base = math.ceil(codes ** (1 / digits) - 1e-9)
+        place = base ** torch.arange(digits)
+        self.register_buffer("code_digits", torch.arange(codes)[:, None] // place % base, persistent=False)
+        # Sum of d unit-variance parts / sqrt(d): the table keeps N(0, 1) entries.
+        self.parts = nn.Parameter(torch.randn(digits, base, dim) / math.sqrt(digits))
+
+    def table(self) -> Tensor:
+        if self.digits == 1:
+            return self.weight
+        return self.parts[torch.arange(self.digits, device=self.parts.device), self.code_digits].sum(1)
 
     def forward(self, z: Tensor) -> Tensor:
-        return z @ self.weight if z.is_floating_point() else F.embedding(z, self.weight)
+        table = self.table()
+        return z @ table if z.is_floating_point() else F.embedding(z, table)
 
     @torch.no_grad()
     def split(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
         """Rows ``dst`` become rows ``src`` plus noise of ``noise`` times their RMS."""
+        if self.digits > 1:
+            raise ValueError("splitting codes needs one embedding row per code: use digits = 1")
         dst, src = dst.to(self.weight.device), src.to(self.weight.device)
         rows = self.weight[src]
         jitter = torch.randn(rows.shape, generator=generator).to(rows) * rows.pow(2).mean(-1, keepdim=True).sqrt()

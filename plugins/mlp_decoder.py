@@ -27,11 +27,12 @@ class MlpDecoder(Decoder):
         hidden: int = 512,
         layers: int = 2,
         embed_dim: int = 64,
+        code_digits: int = 1,
     ) -> None:
         super().__init__()
         self.image = image
         self.embed_dim = embed_dim
-        self.embedding = CodeEmbedding(latent.codes, embed_dim)
+        self.embedding = CodeEmbedding(latent.codes, embed_dim, code_digits)
         net: list[nn.Module] = []
         size = latent.tokens * embed_dim
         for _ in range(layers):

@@ -50,6 +50,7 @@ class TransformerEncoder(Encoder):
         latent_depth: int = 2,
         factorised: bool = False,
         dropout: float = 0.0,
+        head_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         patch = _patch_size(image, latent)
@@ -75,6 +76,10 @@ class TransformerEncoder(Encoder):
             )
         self.latent_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, latent.codes)
+        # > 1 starts q(z|x) sharper: codes then depend on x from the first step, so the decoder
+        # has something to learn from before the policy has improved (docs/experiments.md, exp. 3).
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
 
     @torch.no_grad()
     def split_codes(self, dst: Tensor, src: Tensor) -> None:

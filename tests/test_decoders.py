@@ -148,3 +148,21 @@ def test_imagenet256_shapes_and_parameter_count_on_meta() -> None:
     upsample = 16 * 64 * 32 + 2 * 32 + 16 * 32 * 16 + 2 * 16 + 16 * 16 * 6 + 6  # 64->32->16->6
     expected = 1024 * e + 9 * e * w + w + 2 * res_block + upsample
     assert sum(p.numel() for p in dec.parameters()) == expected == 329_894  # docs/models.md
+
+
+def test_digit_code_embedding_is_the_sum_of_its_digits_parts() -> None:
+    from ngkit_plugins.conv_decoder import CodeEmbedding
+
+    torch.manual_seed(0)
+    emb = CodeEmbedding(256, 8, digits=2)  # base 16: code 0x35 = digits (5, 3)
+    table = emb.table()
+    torch.testing.assert_close(table[0x35], emb.parts[0, 5] + emb.parts[1, 3])
+    z = torch.tensor([[0x35, 7, 255]])
+    torch.testing.assert_close(emb(z), table[z])
+    torch.testing.assert_close(emb(torch.nn.functional.one_hot(z, 256).float()), emb(z))
+    # codes sharing a digit share that part, so training one code moves its neighbours too
+    emb(torch.tensor([0x35])).sum().backward()
+    assert emb.parts.grad[0, 5].abs().sum() > 0 and emb.parts.grad[1, 3].abs().sum() > 0
+    assert emb.parts.grad[0, 4].abs().sum() == 0
+    with pytest.raises(ValueError, match="digits = 1"):
+        emb.split(torch.tensor([1]), torch.tensor([2]), 0.1, torch.Generator())
