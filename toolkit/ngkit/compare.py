@@ -36,6 +36,8 @@ COLUMNS = [
     ("beta_elbo", "β-ELBO nats ↑", ".1f"),
     ("code_usage", "code usage ↑", ".1%"),
     ("code_perplexity", "perplexity ↑", ".1f"),
+    ("eta", "final η", ".3g"),
+    ("ess", "final ESS/K", ".2f"),
     ("bits_per_image", "bits/image", ".0f"),
     ("step", "steps", ".0f"),
     ("train_seconds", "train s", ".0f"),
@@ -73,9 +75,8 @@ def variants(raw: dict[str, Any], recipe: Recipe, labels: list[str] | None, sour
 
 def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
     row = dict(summary["metrics"])
-    for key in ("step", "train_seconds", "bits_per_image", "parameters"):
+    for key in ("step", "train_seconds", "bits_per_image", "parameters", "images_per_s", "eta", "ess"):
         row[key] = summary.get(key)
-    row["images_per_s"] = summary.get("images_per_s")
     return row
 
 
@@ -129,9 +130,13 @@ def run_compare(
             t0 = time.perf_counter()
             result = train(parsed, run_dir, quiet=False)
             records = read_jsonl(run_dir / "metrics.jsonl")
-            ips = [r["images_per_s"] for r in records if r.get("kind") == "train" and "images_per_s" in r]
+            train_records = [r for r in records if r.get("kind") == "train"]
+            ips = [r["images_per_s"] for r in train_records if "images_per_s" in r]
             summary = dict(result.summary)
             summary["images_per_s"] = statistics.median(ips) if ips else None
+            for key in ("eta", "ess"):  # the step size where the method has one, at the end
+                last = [r[key] for r in train_records if key in r]
+                summary[key] = last[-1] if last else None
             row = {"variant": variant.label, "method": parsed.method.name, "seed": seed, "run_dir": str(run_dir),
                    "wall_seconds": time.perf_counter() - t0, **_flatten(summary)}
             rows.append(row)
