@@ -29,8 +29,8 @@ CASES = [
     ("unknown option", QUICKSTART.replace("heads = 4", "hedas = 4"),
      ['[model.encoder.hedas] unknown option for encoders "transformer"', 'did you mean "heads"']),
     ("bad option type", QUICKSTART.replace("samples = 8", "samples = 2.5"), ["[method.samples]", "2.5"]),
-    ("unknown sub-component", QUICKSTART.replace('name = "ess"', 'name = "esss"'),
-     ['[method.step_size] unknown step-size policy name "esss"', 'Did you mean "ess"']),
+    ("unknown sub-component", QUICKSTART.replace('name = "kl"', 'name = "kll"'),
+     ['[method.step_size] unknown step-size policy name "kll"', 'Did you mean "kl"']),
     ("missing section", QUICKSTART.replace("[run]", "[runs]"), ["[run] is required but missing", "[runs] unknown key"]),
 ]
 

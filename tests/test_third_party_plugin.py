@@ -58,7 +58,7 @@ def test_it_runs_from_a_recipe_and_is_refused_when_switched_off(site, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         (ROOT / "recipes" / "quickstart.toml").read_text().replace(
-            '[method.step_size]\nname = "ess"\ntarget = 0.25', '[method.step_size]\nname = "eta-decay"\nstart = 50.0\nend = 5.0'
+            '[method.step_size]\nname = "kl"\nbound = 1.0', '[method.step_size]\nname = "eta-decay"\nstart = 50.0\nend = 5.0'
         )
     )
     small = ["--set", "run.steps=4", "--set", "run.eval_every=0", "--set", "eval.num_images=16",
