@@ -25,7 +25,19 @@ LOG_2PI = math.log(2 * math.pi)
 MIN_VAR, MAX_VAR = 0.01, 1.0  # variance clip in standardised units (DAPS paper, decoder)
 
 
-class ConvDecoder(Decoder):
+class CodeTableDecoder(Decoder):
+    """A decoder whose input is a :class:`CodeEmbedding` table at ``self.embedding``."""
+
+    embedding: CodeEmbedding
+
+    def split_codes(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
+        self.embedding.split(dst, src, noise, generator)
+
+    def embed(self, z: Tensor) -> Tensor:
+        return self.embedding(z)
+
+
+class ConvDecoder(CodeTableDecoder):
     """Gaussian ResNet decoder; ``likelihood = "fixed"`` uses a constant std instead of a
     predicted variance (then ``forward`` returns only the mean)."""
 
@@ -72,12 +84,6 @@ class ConvDecoder(Decoder):
                 layers += [_norm(nxt, batch_norm), nn.ReLU()]
             channels = nxt
         self.net = nn.Sequential(*layers)
-
-    def split_codes(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
-        self.embedding.split(dst, src, noise, generator)
-
-    def embed(self, z: Tensor) -> Tensor:
-        return self.embedding(z)
 
     def forward(self, h: Tensor) -> Tensor:
         """``h [B, L, embed_dim]`` -> ``[B, 2C, H, W]`` (mean, log-variance) or ``[B, C, H, W]``."""

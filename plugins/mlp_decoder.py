@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import Decoder, ImageSpec, LatentSpec, Register
-from ngkit_plugins.conv_decoder import CodeEmbedding
+from ngkit.components import ImageSpec, LatentSpec, Register
+from ngkit_plugins.conv_decoder import CodeEmbedding, CodeTableDecoder
 
 
-class MlpDecoder(Decoder):
+class MlpDecoder(CodeTableDecoder):
     """``layers`` hidden ReLU layers of ``hidden`` units; ``forward`` returns pixel logits."""
 
     def __init__(
@@ -40,12 +40,6 @@ class MlpDecoder(Decoder):
             size = hidden
         net.append(nn.Linear(size, image.num_pixels))
         self.net = nn.Sequential(*net)
-
-    def split_codes(self, dst: Tensor, src: Tensor, noise: float, generator: torch.Generator) -> None:
-        self.embedding.split(dst, src, noise, generator)
-
-    def embed(self, z: Tensor) -> Tensor:
-        return self.embedding(z)
 
     def forward(self, h: Tensor) -> Tensor:
         """``h [B, L, embed_dim]`` -> Bernoulli logits ``[B, C, H, W]``."""

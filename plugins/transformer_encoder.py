@@ -19,8 +19,6 @@ gathers it even when the core calls ``sample`` or ``log_prob`` rather than ``for
 
 from __future__ import annotations
 
-import math
-
 from collections.abc import Callable
 
 import torch
