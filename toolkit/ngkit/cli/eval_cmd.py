@@ -79,6 +79,7 @@ def eval_run(
         "seed": recipe.run.seed,
         "beta": beta,
         "values": result.values,
+        "by_metric": result.by_metric,
         "protocol": result.protocols,
         "versions": versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -127,12 +128,11 @@ def print_record(record: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     table.add_column("protocol")
     for name, proto in record["protocol"].items():
-        keys = [k for k in record["values"] if k == name or k.startswith(name.replace("-", "_")) or k.startswith(name)]
-        for key in keys or [name]:
-            value = record["values"].get(key)
+        summary = escape("; ".join(f"{k}={v}" for k, v in proto.items() if k != "versions")[:160])
+        for key, value in record["by_metric"][name].items() or [(name, "not defined")]:
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-            summary = "; ".join(f"{k}={v}" for k, v in proto.items() if k not in ("versions",))
-            table.add_row(key, shown, escape(summary[:120]))
+            table.add_row(key, shown, summary)
+            summary = ""  # the protocol once per metric
     Console().print(table)
     if "written_to" in record:
         console.print(f"written to {escape(record['written_to'])}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,10 +16,10 @@ from ngkit.data import test_batches
 class EvalResult:
     values: dict[str, float]
     protocols: dict[str, dict[str, Any]]
+    by_metric: dict[str, dict[str, float]]  # metric name -> the values it computed
     images: Tensor  # the first few originals, for the reconstruction grid
     reconstructions: Tensor
     num_images: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -58,9 +58,7 @@ def evaluate(
         if progress is not None:
             progress(x.shape[0])
     method.train(was_training)
-    values: dict[str, float] = {}
-    protocols: dict[str, dict[str, Any]] = {}
-    for name, metric in metrics.items():
-        values.update(metric.compute())
-        protocols[name] = metric.protocol()
-    return EvalResult(values, protocols, torch.cat(kept_x), torch.cat(kept_r), seen)
+    by_metric = {name: metric.compute() for name, metric in metrics.items()}
+    values = {key: value for computed in by_metric.values() for key, value in computed.items()}
+    protocols = {name: metric.protocol() for name, metric in metrics.items()}
+    return EvalResult(values, protocols, by_metric, torch.cat(kept_x), torch.cat(kept_r), seen)
