@@ -26,7 +26,10 @@ def site(tmp_path_factory) -> Path:
 
 
 def ngkit(site: Path, *args: str, plugins: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "NGKIT_PLUGINS"}
+    # Not our own process group's variables (set by in-process runs of earlier tests): the child
+    # must make its own group, not try to bind this process's port.
+    skip = {"NGKIT_PLUGINS", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in skip}
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     if plugins is not None:
         env["NGKIT_PLUGINS"] = plugins

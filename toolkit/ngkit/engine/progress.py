@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+# Logs and CI capture stderr without a terminal; 80 columns would truncate the live numbers.
+console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 140)
 
 SHOWN = ("loss", "eta", "ess", "beta")
 
@@ -27,7 +28,7 @@ class TrainProgress:
         self.live: dict[str, str] = {}
         self.progress = Progress(
             TextColumn("[bold]train"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
