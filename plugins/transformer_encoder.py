@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ngkit import hookimpl
 from ngkit.components import Encoder, ImageSpec, LatentSpec, Register, TokenLogProb
-from ngkit_plugins.attention import attention
+from ngkit_plugins.attention import attention, attention_backend
 from ngkit_plugins.conv_decoder import pixel_stats
 
 EMBED_INIT_STD = 0.02  # token/position embeddings, as in GPT-2 and ViT
@@ -91,6 +91,10 @@ class TransformerEncoder(Encoder):
         self.head.bias[dst] = self.head.bias[src]
         if self.autoregressive:
             self.tokens_in.weight[dst] = self.tokens_in.weight[src]
+
+    def describe(self) -> dict[str, str]:
+        """For the run log: the attention kernel this encoder's tensors go through."""
+        return {"attention": attention_backend() if self.head.weight.is_cuda else "sdpa"}
 
     def features(self, x: Tensor) -> Tensor:
         """Patch-transformer output ``[B, L, width]`` (the VQ-VAE/FSQ methods' encoder)."""

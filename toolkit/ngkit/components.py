@@ -134,6 +134,10 @@ class Encoder(nn.Module):
         autoregressive encoder feeds its own relaxed tokens back in."""
         raise NotImplementedError
 
+    def describe(self) -> dict[str, str]:
+        """Facts for the run log (e.g. the attention kernel in use); empty by default."""
+        return {}
+
     def split_codes(self, dst: Tensor, src: Tensor) -> None:
         """Make each code ``dst[i]`` a copy of ``src[i]`` that takes half of its probability, so
         q(z|x) is unchanged up to the relabelling (used to revive dead codes)."""

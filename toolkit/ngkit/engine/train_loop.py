@@ -22,6 +22,7 @@ import torch
 import tomli_w
 
 from ngkit import __version__
+from ngkit.components import Encoder
 from ngkit.data import train_batches
 from ngkit.engine import checkpoint
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, to_float
@@ -95,10 +96,9 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
         "precision": recipe.distributed.precision,
         "zero_stage": recipe.distributed.zero_stage,
     }
-    for name in ("encoder", "decoder"):
-        describe = getattr(getattr(built.method, name, None), "describe", None)
-        if callable(describe):
-            facts.update({f"{name}_{k}": v for k, v in describe().items()})
+    encoder = getattr(built.method, "encoder", None)
+    if isinstance(encoder, Encoder):
+        facts.update({f"encoder_{k}": v for k, v in encoder.describe().items()})
 
     start_step = 0
     if resume_tag is not None:
