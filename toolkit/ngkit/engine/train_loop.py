@@ -69,7 +69,7 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     dtype = DTYPES[recipe.distributed.precision]
     ckpt_dir = out_dir / "checkpoints"
     resume_tag = checkpoint.latest_tag(ckpt_dir) if resume else None
-    if not resume and main and (out_dir / "metrics.jsonl").exists():
+    if not resume and (out_dir / "metrics.jsonl").exists():  # every rank stops, none waits
         raise NgkitError(
             f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
             f"or choose another directory with --out"
@@ -84,10 +84,12 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     params = [p for p in method.parameters() if p.requires_grad]
     resolved = recipe_to_dict(recipe)
     pm = get_plugin_manager()
+    encoder = getattr(built.method, "encoder", None)
+    decoder = getattr(built.method, "decoder", None)
     facts = {
         "parameters": _param_count(method),
-        "encoder_parameters": _param_count(built.method.encoder) if hasattr(built.method, "encoder") else None,
-        "decoder_parameters": _param_count(built.method.decoder) if hasattr(built.method, "decoder") else None,
+        "encoder_parameters": _param_count(encoder) if encoder is not None else None,
+        "decoder_parameters": _param_count(decoder) if decoder is not None else None,
         "tokens": built.latent.tokens,
         "codes": built.latent.codes,
         "bits_per_image": built.latent.bits_per_image,
@@ -96,7 +98,6 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
         "precision": recipe.distributed.precision,
         "zero_stage": recipe.distributed.zero_stage,
     }
-    encoder = getattr(built.method, "encoder", None)
     if isinstance(encoder, Encoder):
         facts.update({f"encoder_{k}": v for k, v in encoder.describe().items()})
 
