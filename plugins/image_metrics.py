@@ -46,53 +46,51 @@ def per_image_mse(batch: EvalBatch) -> Tensor:
     return diff.square().flatten(1).mean(1)
 
 
-class MseMetric:
-    """Mean squared error per pixel in [0, 1] units, averaged over images."""
+class _PerImageMetric:
+    """A metric that is the mean over images of one number per image; subclasses say which."""
+
+    name: str
+    definition: str
 
     def __init__(self) -> None:
         self._mean = _PerImageMean()
         self._images = 0
 
+    def per_image(self, batch: EvalBatch) -> Tensor:
+        raise NotImplementedError
+
     def update(self, batch: EvalBatch) -> None:
-        self._mean.add(per_image_mse(batch))
+        self._mean.add(self.per_image(batch))
 
     def compute(self) -> dict[str, float]:
         value, self._images = self._mean.mean()
-        return {"mse": value}
+        return {self.name: value}
 
     def protocol(self) -> dict[str, Any]:
-        return {
-            "metric": "mse",
-            "definition": "mean over images of the per-pixel squared error, pixels in [0, 1]",
-            "images": self._images,
-            "versions": versions(),
-        }
+        return {"metric": self.name, "definition": self.definition, "images": self._images, "versions": versions()}
 
 
-class PsnrMetric:
+class MseMetric(_PerImageMetric):
+    """Mean squared error per pixel in [0, 1] units, averaged over images."""
+
+    name = "mse"
+    definition = "mean over images of the per-pixel squared error, pixels in [0, 1]"
+
+    def per_image(self, batch: EvalBatch) -> Tensor:
+        return per_image_mse(batch)
+
+
+class PsnrMetric(_PerImageMetric):
     """Peak signal-to-noise ratio in dB with peak 1 (pixels in [0, 1]), per image, averaged.
 
     A perfect reconstruction has infinite PSNR, and so then has the mean; no epsilon is added.
     """
 
-    def __init__(self) -> None:
-        self._mean = _PerImageMean()
-        self._images = 0
+    name = "psnr"
+    definition = "mean over images of -10 log10(MSE) dB, pixels in [0, 1], peak 1"
 
-    def update(self, batch: EvalBatch) -> None:
-        self._mean.add(-10 * torch.log10(per_image_mse(batch)))
-
-    def compute(self) -> dict[str, float]:
-        value, self._images = self._mean.mean()
-        return {"psnr": value}
-
-    def protocol(self) -> dict[str, Any]:
-        return {
-            "metric": "psnr",
-            "definition": "mean over images of -10 log10(MSE) dB, pixels in [0, 1], peak 1",
-            "images": self._images,
-            "versions": versions(),
-        }
+    def per_image(self, batch: EvalBatch) -> Tensor:
+        return -10 * torch.log10(per_image_mse(batch))
 
 
 def ssim_window(height: int, width: int) -> tuple[int, float]:

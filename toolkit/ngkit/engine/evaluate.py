@@ -36,7 +36,6 @@ def evaluate(
     world_size: int = 1,
     keep: int = 8,
     dtype: torch.dtype = torch.float32,
-    progress: Any = None,
 ) -> EvalResult:
     """Encode with the method's deterministic codes, decode, and update every metric."""
     was_training = method.training
@@ -55,8 +54,6 @@ def evaluate(
             kept_x.append(x[: keep - seen].float().cpu())
             kept_r.append(recon[: keep - seen].cpu())
         seen += x.shape[0]
-        if progress is not None:
-            progress(x.shape[0])
     method.train(was_training)
     by_metric = {name: metric.compute() for name, metric in metrics.items()}
     values = {key: value for computed in by_metric.values() for key, value in computed.items()}
