@@ -29,8 +29,8 @@ def main() -> None:
     built = build(recipe)
     method = built.method
     optimizer = torch.optim.AdamW(method.parameters(), lr=recipe.optim.lr)
-    stream = iter(built.dataset.train(seed=0, rank=0, world_size=1))
-    x = torch.stack([next(stream) for _ in range(recipe.data.batch_size)])
+    stream = iter(built.dataset.train(seed=0, epoch=0, shard=0, num_shards=1))
+    x = torch.stack([next(stream).load() for _ in range(recipe.data.batch_size)])
 
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "after_step": []}
     for step in range(1, args.repeats + 2):

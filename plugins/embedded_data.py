@@ -3,11 +3,16 @@
 ``photos``: random RGB crops of scikit-image's sample photographs; train and test crops come
 from *different* photographs, so held-out numbers measure generalisation to new images.
 ``digits``: scikit-learn's 1,797 8×8 handwritten digits (grey, 17 intensity levels).
+
+Both stride their examples over shards and key every random draw by the example's position in
+the epoch, so a run's global batches do not depend on the number of ranks or workers.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ngkit import hookimpl
-from ngkit.components import ImageSpec
+from ngkit.components import Example, ImageSpec
 from ngkit.errors import DataError
 
 # Photographs (not synthetic patterns) that scikit-image ships in its wheel.
@@ -89,14 +94,18 @@ class Photos:
             np.stack([_crop(self.test_imgs[i], crop, rng, flip=False) for i in picks])
         )
 
-    def train(self, *, seed: int, rank: int, world_size: int) -> Iterator[Tensor]:
-        rng = np.random.default_rng([seed, rank, world_size])
-        while True:
-            img = self.train_imgs[rng.choice(len(self.train_imgs), p=self.train_p)]
-            yield torch.from_numpy(_crop(img, self.crop, rng, self.flip))
+    def _train_crop(self, seed: int, index: int) -> Tensor:
+        rng = np.random.default_rng([seed, index])
+        img = self.train_imgs[rng.choice(len(self.train_imgs), p=self.train_p)]
+        return torch.from_numpy(_crop(img, self.crop, rng, self.flip))
 
-    def test(self, *, rank: int, world_size: int, limit: int | None) -> Iterator[Tensor]:
-        yield from self.test_set[:limit][rank::world_size]
+    def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[Example]:
+        """Crop ``i`` is drawn from its own generator seeded by ``(seed, i)``: one endless epoch."""
+        for i in itertools.count(shard + start * num_shards, num_shards):
+            yield Example(partial(self._train_crop, seed, i), f"crop {i}")
+
+    def test(self, *, shard: int, num_shards: int, limit: int | None) -> Iterator[Tensor]:
+        yield from self.test_set[:limit][shard::num_shards]
 
 
 class Digits:
@@ -112,14 +121,14 @@ class Digits:
         mean, std = float(self.train_set.mean()), float(self.train_set.std())
         self.spec = ImageSpec(1, 8, 8, (mean,), (std,))
 
-    def train(self, *, seed: int, rank: int, world_size: int) -> Iterator[Tensor]:
-        gen = torch.Generator().manual_seed(seed * 1000 + rank)
-        shard = self.train_set[rank::world_size]
-        while True:
-            yield from shard[torch.randperm(len(shard), generator=gen)]
+    def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[Example]:
+        """Epoch ``e`` is a permutation seeded by ``(seed, e)``; shard ``j`` takes every ``n``-th."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.train_set))[shard::num_shards]
+        for i in order[start:]:
+            yield Example(partial(self.train_set.__getitem__, int(i)), f"digit {int(i)}")
 
-    def test(self, *, rank: int, world_size: int, limit: int | None) -> Iterator[Tensor]:
-        yield from self.test_set[:limit][rank::world_size]
+    def test(self, *, shard: int, num_shards: int, limit: int | None) -> Iterator[Tensor]:
+        yield from self.test_set[:limit][shard::num_shards]
 
 
 @hookimpl

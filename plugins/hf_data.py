@@ -1,19 +1,26 @@
 """Any image dataset that HF ``datasets`` can load, streamed: ImageNet from the hub, an
-``imagefolder`` on disk, parquet shards. Images are decoded here (not by ``datasets``) so that a
-corrupt file is skipped with a count instead of killing a long run.
+``imagefolder`` on disk, parquet shards. Images are decoded here (not by ``datasets``), lazily,
+so the core can skip examples without decoding them and a corrupt file is skipped and named
+instead of killing a long run.
 
     [data]
     name = "hf"
     path = "ILSVRC/imagenet-1k"      # or "imagefolder" with data_dir = "/data/imagenet"
     image_size = 256
+
+Sharding (see :mod:`ngkit.data`): when the stream's file shards divide evenly among the readers,
+reader ``j`` of ``n`` reads shards ``j, j + n, ...`` (no reader reads another's files); otherwise
+every reader walks the shuffled stream and keeps examples ``j, j + n, ...``, decoding only those.
+Either way each example of an epoch goes to exactly one reader. Crops and flips are drawn from a
+generator keyed by the example's place in the epoch, so a resumed run crops the same way.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
-import warnings
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,15 +29,24 @@ from PIL import Image
 from torch import Tensor
 
 from ngkit import hookimpl
-from ngkit.components import ImageSpec
+from ngkit.components import Example, ImageSpec
 from ngkit.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # 16-bit (and 32-bit int) greyscale
+# ``datasets`` sleeps this long (5 s by default) whenever a multi-file parquet stream is closed, to
+# let Arrow's reader threads wind down (apache/arrow#45214); it has already joined its own
+# prefetch threads by then. At 5 s it costs every epoch of a small dataset, every evaluation that
+# reads a prefix of a split, and every data check at start-up.
+ARROW_SHUTDOWN_SLEEP_S = 0.25
 
 
 def _open(value: Any) -> Image.Image:
-    """An undecoded ``datasets`` Image value ({"bytes", "path"}) or a PIL image -> RGB PIL."""
+    """An undecoded ``datasets`` Image value ({"bytes", "path"}) or a PIL image -> 8-bit RGB PIL.
+
+    16-bit greyscale is scaled to 8 bits (a plain ``convert`` would clip it to white); float
+    images are taken as [0, 1]; palette, alpha and CMYK images are converted to RGB."""
     if isinstance(value, Image.Image):
         img = value
     elif isinstance(value, dict) and value.get("bytes") is not None:
@@ -40,6 +56,11 @@ def _open(value: Any) -> Image.Image:
     else:
         raise ValueError(f"not an image value: {type(value).__name__}")
     img.load()
+    if img.mode in HIGH_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64) / 65535.0
+        img = Image.fromarray(np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.round(np.clip(np.asarray(img), 0, 1) * 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
@@ -59,6 +80,10 @@ def _resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None, f
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+def _name(value: Any, fallback: str) -> str:
+    return (value.get("path") if isinstance(value, dict) else None) or fallback
+
+
 class HFImages:
     """A streamed HF dataset split into train and held-out images of ``image_size`` squared."""
 
@@ -74,19 +99,26 @@ class HFImages:
         streaming: bool = True,
         shuffle_buffer: int = 1000,
         flip: bool = True,
-        max_corrupt: int = 100,
         mean: list[float] | None = None,
         std: list[float] | None = None,
     ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.load_args = {"path": path, "name": name, "data_dir": data_dir, "streaming": streaming}
         self.train_split, self.test_split, self.column = train_split, test_split, image_column
-        self.size, self.buffer, self.flip, self.max_corrupt = image_size, shuffle_buffer, flip, max_corrupt
+        self.size, self.buffer, self.flip = image_size, shuffle_buffer, flip
         self.spec = ImageSpec(3, image_size, image_size, tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
+        self._loaded: dict[str, Any] = {}  # split -> dataset, loaded once per process
 
-    def _split(self, split: str, rank: int, world_size: int) -> Any:
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers load their own copy
+        return {**self.__dict__, "_loaded": {}}
+
+    def _split(self, split: str) -> Any:
+        if split in self._loaded:
+            return self._loaded[split]
         import datasets
-        from datasets.distributed import split_dataset_by_node
 
+        datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = min(datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN, ARROW_SHUTDOWN_SLEEP_S)
         try:
             ds = datasets.load_dataset(**{k: v for k, v in self.load_args.items() if v is not None}, split=split)
         except Exception as exc:
@@ -95,40 +127,51 @@ class HFImages:
                 f"Check path/name/data_dir, that the split exists, and network access for hub datasets "
                 f"(HF_DATASETS_OFFLINE=1 allows only local data)"
             ) from exc
-        if self.column not in (ds.column_names or [self.column]):
-            raise DataError(f"hf: split {split!r} has no column {self.column!r}; columns: {ds.column_names}")
+        columns = ds.column_names
+        if columns is not None and self.column not in columns:
+            raise DataError(
+                f"hf: split {split!r} of {self.load_args['path']!r} has no column {self.column!r}; "
+                f"set [data] image_column to one of {columns}"
+            )
         ds = ds.cast_column(self.column, datasets.Image(decode=False))
-        return split_dataset_by_node(ds, rank=rank, world_size=world_size) if world_size > 1 else ds
+        if not hasattr(ds, "set_epoch"):  # a map-style Dataset (streaming = false): stream it
+            ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds))))
+        self._loaded[split] = ds
+        return ds
 
-    def train(self, *, seed: int, rank: int, world_size: int) -> Iterator[Tensor]:
-        ds = self._split(self.train_split, rank, world_size)
-        rng = np.random.default_rng([seed, rank])
-        corrupt = 0
-        for epoch in itertools.count():
-            shuffled = ds.shuffle(seed=seed + epoch, buffer_size=self.buffer) if hasattr(ds, "set_epoch") else ds.shuffle(seed=seed + epoch)
-            for example in shuffled:
-                try:
-                    yield _resize_crop(_open(example[self.column]), self.size, rng, self.flip)
-                except Exception as exc:  # a corrupt image: skip it, but not without limit
-                    corrupt += 1
-                    warnings.warn(f"hf: skipped an unreadable training image ({exc})", stacklevel=2)
-                    if corrupt > self.max_corrupt:
-                        raise DataError(
-                            f"hf: more than {self.max_corrupt} unreadable training images; the data look "
-                            f"corrupt (raise [data] max_corrupt to tolerate more)"
-                        ) from exc
+    def _values(self, ds: Any) -> Iterator[Any]:
+        """The image column's raw values. ``iter`` rather than ``__iter__``: inside a DataLoader
+        worker the latter would split the shards among workers again, behind the core's back."""
+        for rows in ds.iter(batch_size=64):
+            yield from rows[self.column]
 
-    def test(self, *, rank: int, world_size: int, limit: int | None) -> Iterator[Tensor]:
-        ds = self._split(self.test_split, 0, 1)
-        for i, example in enumerate(itertools.islice(ds, limit)):
-            if i % world_size != rank:
-                continue
+    def _decode_train(self, value: Any, key: list[int]) -> Tensor:
+        return _resize_crop(_open(value), self.size, np.random.default_rng(key), self.flip)
+
+    def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[Example]:
+        ds = self._split(self.train_split)
+        shuffle_seed = (seed * 1_000_003 + epoch) % 2**32
+        if ds.num_shards % num_shards == 0:  # whole files per reader
+            part = ds.shard(num_shards=num_shards, index=shard, contiguous=False)
+            values = itertools.islice(self._values(part.shuffle(seed=shuffle_seed, buffer_size=self.buffer)), start, None)
+            keys = ([seed, epoch, num_shards, shard, i] for i in itertools.count(start))
+        else:  # every reader walks the stream and keeps its stride
+            stream = self._values(ds.shuffle(seed=shuffle_seed, buffer_size=self.buffer))
+            first = shard + start * num_shards
+            values = itertools.islice(stream, first, None, num_shards)
+            keys = ([seed, epoch, g] for g in itertools.count(first, num_shards))
+        for value, key in zip(values, keys):
+            yield Example(partial(self._decode_train, value, key), _name(value, f"{self.train_split}[{key[-1]}]"))
+
+    def test(self, *, shard: int, num_shards: int, limit: int | None) -> Iterator[Tensor]:
+        values = itertools.islice(self._values(self._split(self.test_split)), shard, limit, num_shards)
+        for i, value in zip(itertools.count(shard, num_shards), values):
             try:
-                yield _resize_crop(_open(example[self.column]), self.size, None, False)
+                yield _resize_crop(_open(value), self.size, None, False)
             except Exception as exc:
                 raise DataError(
-                    f"hf: held-out image {i} of split {self.test_split!r} is unreadable ({exc}); held-out "
-                    f"images are never skipped silently, so remove or repair it"
+                    f"hf: held-out image {_name(value, str(i))} of split {self.test_split!r} is unreadable "
+                    f"({exc}); held-out images are never skipped silently, so remove or repair it"
                 ) from exc
 
 

@@ -216,7 +216,9 @@ class FiniteScalarQuantizer(Quantizer):
 
     def vectors_to_codes(self, q: Tensor) -> Tensor:
         half_width = self.levels.float() // 2
-        digits = (q.float() * half_width + half_width).round().long()
+        digits = (q.float() * half_width + half_width).round()
+        # A diverged step gives NaN vectors: keep the codes in range, the NaN loss skips the step.
+        digits = torch.minimum(torch.nan_to_num(digits, nan=0.0).clamp(min=0), self.levels.float() - 1).long()
         return (digits * self.basis).sum(-1)
 
     def codes_to_vectors(self, codes: Tensor) -> Tensor:

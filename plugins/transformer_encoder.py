@@ -134,14 +134,14 @@ class TransformerEncoder(Encoder):
         feats = self.features(x)
         if not self.autoregressive:
             base = self._factorised_logp(feats)  # [B, L, V]
-            probs = (base / temperature).softmax(-1).flatten(0, 1)
+            probs = _samplable((base / temperature).softmax(-1).flatten(0, 1))
             z = torch.multinomial(probs, num_samples, replacement=True)  # [B*L, K]
             z = z.view(*base.shape[:2], num_samples).permute(2, 0, 1).contiguous()
             logq = base.expand(num_samples, *base.shape).gather(-1, z.unsqueeze(-1)).squeeze(-1)
             return z, logq.sum(-1)
 
         def draw(logp: Tensor) -> Tensor:
-            probs = (logp / temperature).softmax(-1)
+            probs = _samplable((logp / temperature).softmax(-1))
             return torch.multinomial(probs.flatten(0, -2), 1).view(probs.shape[:-1])
 
         z, logq = self._autoregress(feats, num_samples, draw)
@@ -233,7 +233,7 @@ class _PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         ph, pw = self.patch
-        x = (x - self.mean) / self.std
+        x = ((x - self.mean) / self.std).to(self.proj.weight.dtype)  # stats stay fp32 under bf16
         x = x.view(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * ph * pw)
         return self.proj(x) + self.pos
 
@@ -361,6 +361,15 @@ class _KVCache:
         self.v[:, self.size] = v[:, 0]
         self.size += 1
         return self.k[:, : self.size], self.v[:, : self.size]
+
+
+def _samplable(probs: Tensor) -> Tensor:
+    """Probabilities ``multinomial`` accepts: a row with a non-finite entry (a diverged step) is
+    made uniform, so sampling goes on and the step's non-finite log q makes the trainer skip it."""
+    bad = ~torch.isfinite(probs).all(-1, keepdim=True)
+    if not bad.any():
+        return probs
+    return torch.where(bad, torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
 
 
 def _entropy(logp: Tensor) -> Tensor:

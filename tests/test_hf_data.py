@@ -1,9 +1,11 @@
-"""The HF ``datasets`` plugin on an imagefolder the test makes (no hub access: offline)."""
+"""The HF ``datasets`` plugin on imagefolders and parquet shards the tests write (offline), and
+the core's batching of it: sharding by rank x worker, positions, unreadable images."""
 
 from __future__ import annotations
 
 import itertools
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,68 +13,133 @@ import pytest
 import torch
 from PIL import Image
 
+from image_sets import image_id, write_imagefolder, write_parquet
+from ngkit.data import Position, TrainBatches, check_dataset
 from ngkit.errors import DataError
 from ngkit_plugins.hf_data import HFImages
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("validation", 5)):
-        (root / split).mkdir()
-        for i in range(n):
-            size = (40 + 3 * i, 56)  # differently shaped, all larger than the crop
-            Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8")).save(root / split / f"{i}.png")
-    return root
+    return write_imagefolder(tmp_path_factory.mktemp("imgs"), train=6, validation=5)
 
 
-def test_train_stream_is_endless_resized_and_in_range(folder):
+def first_epoch(data, shard=0, num_shards=1):
+    return [e.load() for e in data.train(seed=0, epoch=0, shard=shard, num_shards=num_shards)]
+
+
+def test_train_epoch_is_resized_and_in_range(folder):
     data = HFImages(path="imagefolder", data_dir=str(folder), image_size=32)
-    images = list(itertools.islice(data.train(seed=0, rank=0, world_size=1), 15))  # > 2 epochs
+    images = first_epoch(data)
+    assert len(images) == 6
     assert all(img.shape == (3, 32, 32) and img.dtype == torch.float32 for img in images)
     assert all(0 <= img.min() and img.max() <= 1 for img in images)
     assert data.spec.shape == (3, 32, 32)
 
 
-def test_test_split_is_deterministic_and_sharded(folder):
+def test_test_split_is_deterministic_and_strided(folder):
     data = HFImages(path="imagefolder", data_dir=str(folder), image_size=32)
-    full = list(data.test(rank=0, world_size=1, limit=None))
-    again = list(data.test(rank=0, world_size=1, limit=None))
+    full = list(data.test(shard=0, num_shards=1, limit=None))
+    again = list(data.test(shard=0, num_shards=1, limit=None))
     assert len(full) == 5 and all(torch.equal(a, b) for a, b in zip(full, again))
-    shards = [list(data.test(rank=r, world_size=2, limit=4)) for r in range(2)]
+    shards = [list(data.test(shard=r, num_shards=2, limit=4)) for r in range(2)]
     assert [len(s) for s in shards] == [2, 2]
-    assert torch.equal(shards[1][0], full[1])  # rank 1 gets images 1 and 3
+    assert torch.equal(shards[1][0], full[1]) and torch.equal(shards[1][1], full[3])
 
 
-def test_corrupt_training_image_is_skipped_with_a_warning(folder, tmp_path):
-    bad = tmp_path / "data"
-    (bad / "train").mkdir(parents=True)
+@pytest.mark.parametrize("shards", [1, 3, 8])
+def test_every_example_once_per_epoch_across_two_ranks_and_two_workers(tmp_path, shards):
+    """24 examples, 2 ranks x 2 DataLoader workers, batch 4: each rank's shard is 12 examples,
+    so 3 batches per rank are exactly epoch 0; each example must appear exactly once."""
+    data = HFImages(path="parquet", data_dir=str(write_parquet(tmp_path, 24, shards)), image_size=8, flip=False)
+    seen = Counter()
+    for rank in range(2):
+        batches = TrainBatches(data, 4, seed=3, rank=rank, world=2, workers=2)
+        for _ in range(3):
+            seen.update(image_id(img) for img in next(batches))
+        assert batches.position == Position(0, 12)
+    assert sorted(seen) == list(range(24)) and set(seen.values()) == {1}
+
+
+def test_batches_do_not_depend_on_workers_and_resume_at_their_position(tmp_path):
+    data = HFImages(path="parquet", data_dir=str(write_parquet(tmp_path, 20, 3)), image_size=8)
+    plain = TrainBatches(data, 3, seed=1, rank=0, world=1, workers=0)
+    first = [next(plain) for _ in range(9)]  # 27 images: crosses into epoch 1
+    pooled = TrainBatches(data, 3, seed=1, rank=0, world=1, workers=2)
+    assert all(torch.equal(a, next(pooled)) for a in first)  # crops and flips identical too
+    middle = TrainBatches(data, 3, seed=1, rank=0, world=1, workers=0)
+    for _ in range(4):
+        next(middle)
+    resumed = TrainBatches(data, 3, seed=1, rank=0, world=1, workers=2, position=middle.position)
+    assert all(torch.equal(a, next(resumed)) for a in first[4:])
+
+
+def test_empty_train_split_is_a_clear_error(tmp_path):
+    write_imagefolder(tmp_path, train=0, validation=2)
+    (tmp_path / "train" / "notes.txt").write_text("no images here")
+    data = HFImages(path="imagefolder", data_dir=str(tmp_path), image_size=8)
+    with pytest.raises(DataError, match="no training examples|cannot load"):
+        check_dataset(data, seed=0, rank=0, world=1)
+
+
+def test_missing_split_and_column_are_clear_errors(folder, tmp_path):
+    with pytest.raises(DataError, match="split 'holdout'"):
+        check_dataset(HFImages(path="imagefolder", data_dir=str(folder), test_split="holdout"), 0, 0, 1)
+    with pytest.raises(DataError, match="no column 'pixels'.*image_column"):
+        check_dataset(HFImages(path="imagefolder", data_dir=str(folder), image_column="pixels"), 0, 0, 1)
+    with pytest.raises(DataError, match="cannot load"):
+        check_dataset(HFImages(path="imagefolder", data_dir=str(tmp_path / "nope")), 0, 0, 1)
+
+
+def _with_corrupt(folder: Path, tmp_path: Path, bad: int) -> Path:
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
     for p in (folder / "train").iterdir():
-        (bad / "train" / p.name).write_bytes(p.read_bytes())
-    (bad / "train" / "zz-corrupt.png").write_bytes(b"\x89PNG not really")
-    data = HFImages(path="imagefolder", data_dir=str(bad), image_size=32, test_split="train")
+        (root / "train" / p.name).write_bytes(p.read_bytes())
+    for i in range(bad):
+        (root / "train" / f"zz-corrupt-{i}.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def test_unreadable_images_are_named_once_and_counted_per_file(folder, tmp_path):
+    data = HFImages(path="imagefolder", data_dir=str(_with_corrupt(folder, tmp_path, 1)), image_size=32)
+    batches = TrainBatches(data, 2, seed=0, rank=0, world=1, max_unreadable=0.5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = list(itertools.islice(data.train(seed=0, rank=0, world_size=1), 12))
-    assert len(images) == 12
-    assert any("unreadable" in str(w.message) for w in caught)
-    with pytest.raises(DataError, match="held-out image"):
-        list(data.test(rank=0, world_size=1, limit=None))
+        images = [img for _ in range(10) for img in next(batches)]  # 20 of 7 files: ~3 epochs
+    # a batch loses only its unreadable example: read 20, the corrupt file among them 2 or 3 times
+    assert batches.read == 20 and len(images) in (17, 18)
+    named = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert len(named) == 1 and "zz-corrupt-0.png" in named[0]
+    assert len(batches.unreadable) == 1
 
 
-def test_too_many_corrupt_images_stop_with_a_clear_error(tmp_path):
-    (tmp_path / "train").mkdir()
-    for i in range(3):
-        (tmp_path / "train" / f"{i}.png").write_bytes(b"garbage")
-    data = HFImages(path="imagefolder", data_dir=str(tmp_path), image_size=8, max_corrupt=2)
+def test_too_many_unreadable_files_stop_with_a_clear_error(folder, tmp_path):
+    data = HFImages(path="imagefolder", data_dir=str(_with_corrupt(folder, tmp_path, 4)), image_size=8)
+    batches = TrainBatches(data, 2, seed=0, rank=0, world=1, max_unreadable=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(DataError, match="max_corrupt"):
-            list(itertools.islice(data.train(seed=0, rank=0, world_size=1), 5))
+        with pytest.raises(DataError, match="max_unreadable") as err:
+            for _ in range(20):
+                next(batches)
+    assert "zz-corrupt" in str(err.value)
 
 
-def test_missing_dataset_is_a_data_error(tmp_path):
-    data = HFImages(path="imagefolder", data_dir=str(tmp_path / "nope"), image_size=8)
-    with pytest.raises(DataError, match="cannot load"):
-        next(iter(data.train(seed=0, rank=0, world_size=1)))
+def test_sixteen_bit_png_keeps_its_grey_level(tmp_path):
+    (tmp_path / "train").mkdir()
+    level = 20000  # of 65535: 0.305
+    Image.fromarray(np.full((16, 16), level, dtype=np.uint16)).save(tmp_path / "train" / "deep.png")
+    data = HFImages(path="imagefolder", data_dir=str(tmp_path), image_size=8, flip=False)
+    (img,) = first_epoch(data)
+    assert img.shape == (3, 8, 8)
+    assert float(img.mean()) == pytest.approx(level / 65535, abs=1 / 255)
+
+
+def test_an_epoch_of_a_small_stream_is_cheap(tmp_path):
+    """The split is loaded once per process, not once per epoch."""
+    data = HFImages(path="parquet", data_dir=str(write_parquet(tmp_path, 6, 2)), image_size=8)
+    list(itertools.islice(data.train(seed=0, epoch=0, shard=0, num_shards=1), 1))
+    loaded = data._loaded["train"]
+    for epoch in range(1, 4):
+        assert len(list(data.train(seed=0, epoch=epoch, shard=0, num_shards=1))) == 6
+    assert data._loaded["train"] is loaded

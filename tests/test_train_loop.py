@@ -137,7 +137,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoint.save(Engine(), ckpt, 7, {}, rank=0, keep=3)
+        checkpoint.save(Engine(), ckpt, 7, {}, {}, rank=0, world_size=1, keep=3)
     assert (ckpt / "latest").read_text() == before
     assert checkpoint.latest_tag(ckpt) == "step-00000006"
     assert not (ckpt / "step-00000007").exists()

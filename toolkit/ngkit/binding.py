@@ -167,8 +167,8 @@ def build_component(kind: str, table: dict[str, Any], context: dict[str, Any], w
 def component_tables(recipe: Recipe) -> list[tuple[str, dict[str, Any], str]]:
     """(kind, table, dotted key) for every component a recipe names."""
     data = recipe.data.model_dump()
-    data.pop("batch_size")
-    data.pop("workers")
+    for core_key in ("batch_size", "workers", "max_unreadable"):  # the core's, not the dataset's
+        data.pop(core_key)
     tables = [
         ("datasets", data, "data"),
         ("encoders", recipe.model.encoder.model_dump(), "model.encoder"),

@@ -80,18 +80,41 @@ CONTEXT_ARGS: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class Example:
+    """One training example, decoded only when :meth:`load` is called.
+
+    The core skips the examples another DataLoader worker will decode (and, on resume, the ones
+    already trained on) without loading them. ``load`` returns a ``[C, H, W]`` float image in
+    [0, 1]; it raises for an unreadable file, which the core skips, counts and names once."""
+
+    load: Callable[[], Tensor]
+    name: str = ""  # shown in warnings about unreadable images, e.g. the file name
+
+
 @runtime_checkable
 class ImageDataset(Protocol):
-    """A source of images. Train is an endless stream; test is finite and deterministic."""
+    """A source of images: training epochs split into shards, and a fixed held-out split.
+
+    The core reads shard ``shard`` of ``num_shards`` on each data reader (one per rank, times the
+    DataLoader workers). For a given ``(seed, epoch)`` the shards must partition the epoch: every
+    example in exactly one shard. Prefer example-level striding (shard ``j`` takes examples
+    ``j, j + n, j + 2n, ...`` of the epoch's order) with the epoch's order and every random
+    augmentation keyed by the example's position, so that the global batch does not depend on the
+    number of ranks and a resumed run sees exactly the images the uninterrupted one would.
+    """
 
     spec: ImageSpec
 
-    def train(self, *, seed: int, rank: int, world_size: int) -> Iterable[Tensor]:
-        """Yield ``[C, H, W]`` float images in [0, 1] forever; rank ``r`` gets its own shard."""
+    def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterable[Example]:
+        """Yield this shard's examples of ``epoch`` from its ``start``-th on. A finite epoch ends
+        the iterable (the core then asks for ``epoch + 1``); a dataset that draws fresh images
+        forever may yield without end."""
         ...
 
-    def test(self, *, rank: int, world_size: int, limit: int | None) -> Iterable[Tensor]:
-        """Yield this rank's share of the first ``limit`` held-out images, the same every call."""
+    def test(self, *, shard: int, num_shards: int, limit: int | None) -> Iterable[Tensor]:
+        """Yield held-out images ``shard, shard + num_shards, ...`` of the first ``limit``, the
+        same on every call; pixels in [0, 1]."""
         ...
 
 

@@ -1,49 +1,167 @@
-"""Batching a dataset plugin's image streams, with shape and finiteness checks per image."""
+"""Batches from a dataset plugin: sharded by rank, split by DataLoader worker, resumable.
+
+Rank ``r`` of ``R`` reads shard ``r`` of ``R`` of each epoch (the dataset partitions the epoch, see
+:class:`ngkit.components.ImageDataset`). Within a rank, batch ``b`` is examples ``[bB, (b+1)B)`` of
+that shard's stream (epochs back to back) and is decoded by worker ``b mod W``; the other workers
+skip those examples without decoding them. So:
+
+- nothing is duplicated or dropped within an epoch, whatever the counts of shards, ranks and
+  workers; a worker never waits on an empty shard of its own;
+- the batches do not depend on the number of workers, and with a dataset that strides its
+  examples, the global batch does not depend on the number of ranks;
+- the position of the next batch, ``(epoch, start)``, is all a checkpoint needs to resume.
+
+Unreadable examples (a corrupt file) are dropped from their batch, named once, and counted per
+distinct name; too many of them, as a fraction of the examples read, stop the run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import itertools
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ngkit.components import ImageDataset
+from ngkit.components import Example, ImageDataset
 from ngkit.errors import DataError
 
 
-class _Stream(IterableDataset):
-    """Splits a rank's share further between DataLoader workers, checking every image."""
+@dataclass(frozen=True)
+class Position:
+    """Where a rank's training stream resumes: example ``start`` of its shard of ``epoch``."""
 
-    def __init__(self, make: Callable[[int, int], Iterable[Tensor]], rank: int, world: int, shape) -> None:
-        self.make, self.rank, self.world, self.shape = make, rank, world, tuple(shape)
+    epoch: int = 0
+    start: int = 0
+
+
+def _check(img: Any, shape: tuple[int, ...], where: str) -> Tensor:
+    if not isinstance(img, Tensor):
+        raise DataError(f"{where} is a {type(img).__name__}, expected a [C, H, W] float tensor")
+    if tuple(img.shape) != shape:
+        raise DataError(f"{where} has shape {tuple(img.shape)}, expected {shape}")
+    if not torch.isfinite(img).all():
+        raise DataError(f"{where} has non-finite pixels (corrupt data?)")
+    return img.float()
+
+
+def shard_examples(
+    dataset: ImageDataset, seed: int, rank: int, world: int, position: Position
+) -> Iterator[tuple[Example, Position]]:
+    """This rank's examples from ``position`` on, epoch after epoch, each with the position after it."""
+    epoch, start = position.epoch, position.start
+    while True:
+        count = 0
+        for i, example in enumerate(
+            dataset.train(seed=seed, epoch=epoch, shard=rank, num_shards=world, start=start), start
+        ):
+            count += 1
+            yield example, Position(epoch, i + 1)
+        if count == 0 and start == 0:
+            raise DataError(
+                f"rank {rank} of {world} got no training examples in epoch {epoch}: the dataset has "
+                f"fewer training examples than ranks, or its train split is empty"
+            )
+        epoch, start = epoch + 1, 0
+
+
+class _Batches(IterableDataset):
+    """Runs in each DataLoader worker (or in the main process without workers)."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, rank: int, world: int, position: Position):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world, self.position = rank, world, position
+        self.shape = tuple(dataset.spec.shape)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream = shard_examples(self.dataset, self.seed, self.rank, self.world, self.position)
+        for b in itertools.count():
+            chunk = list(itertools.islice(stream, self.batch_size))
+            if b % workers != worker:
+                continue  # another worker decodes this batch
+            images, bad = [], []
+            for example, _ in chunk:
+                name = example.name or f"example of epoch {chunk[0][1].epoch}"
+                try:
+                    img = example.load()
+                except Exception as exc:  # an unreadable file: dropped here, counted by the trainer
+                    bad.append((name, f"{type(exc).__name__}: {exc}"))
+                    continue
+                images.append(_check(img, self.shape, f"training image {name!r} of rank {self.rank}"))
+            empty = torch.empty((0, *self.shape))
+            yield {"images": torch.stack(images) if images else empty, "end": chunk[-1][1], "read": len(chunk), "bad": bad}
+
+
+@dataclass
+class TrainBatches:
+    """Endless ``[B, C, H, W]`` batches of one rank's training stream, with its resume position."""
+
+    dataset: ImageDataset
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+    workers: int = 0
+    position: Position = Position()
+    max_unreadable: float = 0.01  # fraction of the examples read
+    unreadable: set[str] = field(default_factory=set)
+    read: int = 0
+
+    def __post_init__(self) -> None:
+        source = _Batches(self.dataset, self.batch_size, self.seed, self.rank, self.world, self.position)
+        loader = DataLoader(source, batch_size=None, num_workers=self.workers, persistent_workers=False,
+                            prefetch_factor=4 if self.workers else None)
+        self._it = iter(loader)
 
     def __iter__(self) -> Iterator[Tensor]:
-        info = get_worker_info()
-        rank, world = self.rank, self.world
-        if info is not None:
-            rank, world = rank * info.num_workers + info.id, world * info.num_workers
-        for i, img in enumerate(self.make(rank, world)):
-            if tuple(img.shape) != self.shape:
-                raise DataError(f"image {i} of rank {rank} has shape {tuple(img.shape)}, expected {self.shape}")
-            if not torch.isfinite(img).all():
-                raise DataError(f"image {i} of rank {rank} has non-finite pixels (corrupt data?)")
-            yield img
+        return self
+
+    def __next__(self) -> Tensor:
+        while True:
+            batch = next(self._it)
+            self.position = batch["end"]
+            self.read += batch["read"]
+            for name, reason in batch["bad"]:
+                if name not in self.unreadable:
+                    self.unreadable.add(name)
+                    warnings.warn(f"skipped unreadable training image {name}: {reason}", stacklevel=2)
+            if len(self.unreadable) > max(1, self.max_unreadable * self.read):
+                raise DataError(
+                    f"{len(self.unreadable)} of {self.read} training examples read so far are unreadable "
+                    f"(e.g. {sorted(self.unreadable)[:3]}), more than [data] max_unreadable = "
+                    f"{self.max_unreadable}; repair or remove them, or raise the limit"
+                )
+            if len(batch["images"]):
+                return batch["images"]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.position.epoch, "start": self.position.start}
 
 
-def train_batches(
-    dataset: ImageDataset, batch_size: int, seed: int, rank: int, world: int, workers: int = 0
-) -> Iterator[Tensor]:
-    """Endless ``[B, C, H, W]`` batches of this rank's training stream."""
-    stream = _Stream(lambda r, w: dataset.train(seed=seed, rank=r, world_size=w), rank, world, dataset.spec.shape)
-    return iter(DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True))
+def check_dataset(dataset: ImageDataset, seed: int, rank: int, world: int) -> None:
+    """Fail before the engine is built when a split is missing, empty or unreachable."""
+    try:
+        next(shard_examples(dataset, seed, rank, world, Position()))
+    except StopIteration:  # pragma: no cover - shard_examples raises DataError instead
+        raise DataError("the training split is empty") from None
+    try:
+        next(iter(dataset.test(shard=0, num_shards=1, limit=1)))
+    except StopIteration:
+        raise DataError("the held-out (test) split is empty; evaluation needs held-out images") from None
 
 
 def test_batches(
     dataset: ImageDataset, batch_size: int, rank: int, world: int, limit: int | None
 ) -> Iterator[Tensor]:
-    """This rank's share of the first ``limit`` held-out images, in batches."""
-    stream = _Stream(
-        lambda r, w: dataset.test(rank=r, world_size=w, limit=limit), rank, world, dataset.spec.shape
-    )
-    return iter(DataLoader(stream, batch_size=batch_size))
+    """This rank's share (every ``world``-th) of the first ``limit`` held-out images, in batches."""
+    shape = tuple(dataset.spec.shape)
+    images = dataset.test(shard=rank, num_shards=world, limit=limit)
+    checked = (_check(img, shape, f"held-out image {i * world + rank}") for i, img in enumerate(images))
+    while batch := list(itertools.islice(checked, batch_size)):
+        yield torch.stack(batch)

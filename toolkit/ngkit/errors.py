@@ -34,3 +34,11 @@ class DataError(NgkitError):
 
 class TrainingError(NgkitError):
     """Training cannot continue (e.g. too many consecutive non-finite steps)."""
+
+
+class RunStopped(NgkitError):
+    """A run stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint; not a failure."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

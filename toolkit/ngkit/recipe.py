@@ -40,6 +40,9 @@ class DataSection(Component):
 
     batch_size: int = Field(32, gt=0, description="images per optimiser step on each rank")
     workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    max_unreadable: float = Field(
+        0.01, ge=0, le=1, description="unreadable training images tolerated, as a fraction of those read"
+    )
 
 
 class ModelSection(Section):
@@ -54,6 +57,9 @@ class OptimSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+    accumulate: int = Field(
+        1, gt=0, description="micro-batches per optimiser step; global batch = batch_size x accumulate x ranks"
+    )
     clip: Literal["agc", "norm", "none"] = Field(
         "agc", description="adaptive (unit-wise) clipping, global-norm clipping, or none"
     )
@@ -78,7 +84,11 @@ class RunSection(Section):
     seed: int = 0
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="held-out eval cadence in steps; 0: at the end")
-    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint cadence in steps; 0: by time only")
+    checkpoint_minutes: float = Field(
+        10.0, ge=0, description="also checkpoint when this many minutes passed since the last save; 0: off"
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="newest complete checkpoints kept")
     out_dir: str = Field("runs/{recipe}", description="run directory; {recipe} is the file stem")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     grid_images: int = Field(8, ge=1, description="test images in the reconstruction grid")

@@ -97,12 +97,12 @@ class _TrainAsTest:
     def __init__(self, dataset: Any, seed: int) -> None:
         self.dataset, self.seed, self.spec = dataset, seed, dataset.spec
 
-    def test(self, *, rank: int, world_size: int, limit: int | None):
+    def test(self, *, shard: int, num_shards: int, limit: int | None):
         import itertools
 
-        stream = self.dataset.train(seed=self.seed, rank=rank, world_size=world_size)
-        share = None if limit is None else (limit - rank + world_size - 1) // world_size
-        return itertools.islice(stream, share)
+        stream = self.dataset.train(seed=self.seed, epoch=0, shard=shard, num_shards=num_shards)
+        share = None if limit is None else (limit - shard + num_shards - 1) // num_shards
+        return (example.load() for example in itertools.islice(stream, share))
 
 
 def write_reference_stats(

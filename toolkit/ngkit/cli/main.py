@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from ngkit import __version__
 from ngkit.cli import compare_cmd, eval_cmd, plugins_cmd, recipes_cmd, run_cmd, weights_cmd
-from ngkit.errors import NgkitError
+from ngkit.errors import NgkitError, RunStopped
 
 app = typer.Typer(
     name="ngkit",
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         code = app(args=argv, standalone_mode=False)  # click returns the code of a typer.Exit
+    except RunStopped as exc:
+        err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return exc.exit_code
     except NgkitError as exc:
         if DEBUG["on"]:
             err.print_exception()

@@ -28,9 +28,26 @@ class JsonlWriter:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete record; a line torn by a crash mid-write is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records up to ``last_step`` (a resumed run logs the later steps again)."""
+    from ngkit.engine.checkpoint import write_text_atomic
+
+    kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= last_step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def grid_array(rows: list[Tensor], min_size: int = 64, pad: int = 2) -> np.ndarray:

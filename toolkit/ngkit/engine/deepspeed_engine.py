@@ -1,4 +1,7 @@
-"""Wrapping a method in a DeepSpeed engine: config from the recipe, AdamW, learning-rate schedule."""
+"""Wrapping a method in a DeepSpeed engine: config from the recipe, AdamW, learning-rate schedule.
+
+One optimiser step = ``[optim] accumulate`` micro-batches of ``[data] batch_size`` images on each
+rank, so the global batch is ``batch_size x accumulate x world_size``."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import Any
 import torch
 
 from ngkit.components import Method
-from ngkit.errors import RecipeError
+from ngkit.engine.gradients import GuardedAdamW
 from ngkit.recipe import Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -16,17 +19,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     dist, optim = recipe.distributed, recipe.optim
-    if optim.clip == "agc" and dist.zero_stage >= 2:
-        raise RecipeError(
-            "recipe",
-            [
-                "[optim.clip] adaptive clipping needs whole gradients, which ZeRO stage "
-                f"{dist.zero_stage} partitions; use clip = \"norm\" or zero_stage <= 1"
-            ],
-        )
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": recipe.data.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": optim.accumulate,
         "zero_optimization": {"stage": dist.zero_stage},
         "bf16": {"enabled": dist.precision == "bf16"},
         "fp16": {"enabled": dist.precision == "fp16"},
@@ -57,13 +52,13 @@ def lr_lambda(recipe: Recipe):
 
 
 def make_engine(method: Method, recipe: Recipe) -> Any:
-    """``deepspeed.initialize`` with AdamW over every trainable parameter of the method."""
+    """``deepspeed.initialize`` with :class:`GuardedAdamW` over every trainable parameter."""
     import deepspeed
 
     params = [p for p in method.parameters() if p.requires_grad]
     optim = recipe.optim
     fused = {"fused": True} if params and params[0].is_cuda else {}
-    optimizer = torch.optim.AdamW(
+    optimizer = GuardedAdamW(
         params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, **fused
     )
     engine, _, _, _ = deepspeed.initialize(
@@ -72,4 +67,17 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)),
         config=deepspeed_config(recipe),
     )
+    if engine.optimizer is not optimizer:  # a ZeRO or bf16 wrapper steps ours
+        optimizer.outer = engine.optimizer
+    engine.ngkit_optimizer = optimizer  # the training loop's handle on the non-finite guard
+    _match_norm_statistics(engine.module)
     return engine
+
+
+def _match_norm_statistics(module: torch.nn.Module) -> None:
+    """DeepSpeed's bf16/fp16 modes cast parameters, not buffers; batch norm needs its running
+    statistics in its weights' dtype (other buffers, such as the step-size state, stay fp32)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.running_mean is not None:
+            m.running_mean.data = m.running_mean.data.to(m.weight.dtype)
+            m.running_var.data = m.running_var.data.to(m.weight.dtype)

@@ -44,9 +44,10 @@ def evaluate(
     kept_x, kept_r, seen = [], [], 0
     for x in test_batches(dataset, batch_size, rank, world_size, num_images):
         x = x.to(device, dtype)
-        codes = method.encode(x)
-        recon = method.decode(codes).float().clamp(0, 1)
-        elbo = method.beta_elbo(x, beta) if want_elbo else None
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            codes = method.encode(x)
+            recon = method.decode(codes).float().clamp(0, 1)
+            elbo = method.beta_elbo(x, beta) if want_elbo else None
         batch = EvalBatch(x.float(), recon, codes, method.latent, None if elbo is None else elbo.float())
         for metric in metrics.values():
             metric.update(batch)

@@ -1,7 +1,7 @@
 """The training loop: one function, read top to bottom.
 
-Runs unchanged as a plain process (it makes its own one-process group) or under
-``torchrun``/``deepspeed`` launchers (it joins theirs)::
+Runs unchanged as a plain process (it makes its own one-process group) or under any launcher
+(``torchrun``, ``deepspeed``, ``srun``, ``mpirun``; see :mod:`ngkit.engine.distributed`)::
 
     ngkit run recipes/quickstart.toml
     torchrun --nproc_per_node 8 -m ngkit.cli.main run recipes/imagenet256.toml
@@ -23,17 +23,18 @@ import tomli_w
 
 from ngkit import __version__
 from ngkit.components import Encoder
-from ngkit.data import train_batches
+from ngkit.data import Position, TrainBatches, check_dataset
 from ngkit.engine import checkpoint
-from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, to_float
+from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, to_float, truncate_jsonl
 from ngkit.engine.build import build, build_metrics
-from ngkit.engine.clipping import adaptive_clip_, grads_finite
 from ngkit.engine.deepspeed_engine import DTYPES, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import evaluate
+from ngkit.engine.gradients import adaptive_clip_
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
-from ngkit.errors import NgkitError, TrainingError
+from ngkit.engine.signals import StopSignals
+from ngkit.errors import NgkitError, RunStopped, TrainingError
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import Recipe, recipe_to_dict
 
@@ -48,15 +49,38 @@ class TrainResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """Same initial weights on every rank; sampling noise differs per rank."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+def seed_everything(seed: int, rank: int | None = None) -> None:
+    """Seed torch, numpy and python: with ``rank`` None the same on every rank (initial weights),
+    else a stream of this rank's own (sampling noise must differ between ranks)."""
+    key = [seed] if rank is None else [seed, 1 + rank]
+    state = np.random.SeedSequence(key).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    random.seed(int(state[0]))
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag is true on every rank (one all-reduce for all of them)."""
+    values = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
+    return [bool(v > 0) for v in values.tolist()]
 
 
 def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
@@ -65,27 +89,36 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     set_accelerator_env(device)
     dist = init_distributed(device, recipe.distributed.backend)
     main = dist.rank == 0
-    run_cfg = recipe.run
+    run_cfg, optim_cfg = recipe.run, recipe.optim
     dtype = DTYPES[recipe.distributed.precision]
     ckpt_dir = out_dir / "checkpoints"
-    resume_tag = checkpoint.latest_tag(ckpt_dir) if resume else None
     if not resume and (out_dir / "metrics.jsonl").exists():  # every rank stops, none waits
         raise NgkitError(
             f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
             f"or choose another directory with --out"
         )
+    resume_tag = checkpoint.latest_tag(ckpt_dir) if resume else None
+    if resume and resume_tag is None:
+        raise NgkitError(
+            f"--resume {out_dir}: no complete checkpoint in {ckpt_dir}; start a new run with "
+            f"ngkit run RECIPE --out NEW_DIR (or set [run] checkpoint_every so that runs save as they go)"
+        )
+    checkpoint.check_shared_dir(out_dir, dist.rank)
 
-    # ---- build: components from the recipe, then the DeepSpeed engine around the method
-    seed_everything(run_cfg.seed, dist.rank)
+    # ---- build: components from the recipe (same initial weights on every rank), data checked
+    seed_everything(run_cfg.seed)
     built = build(recipe)
+    check_dataset(built.dataset, run_cfg.seed, dist.rank, dist.world_size)
     method = built.method.to(device=dist.device)
     engine = make_engine(method, recipe)
+    guard = engine.ngkit_optimizer
     method = engine.module
     params = [p for p in method.parameters() if p.requires_grad]
     resolved = recipe_to_dict(recipe)
     pm = get_plugin_manager()
     encoder = getattr(built.method, "encoder", None)
     decoder = getattr(built.method, "decoder", None)
+    global_batch = recipe.data.batch_size * optim_cfg.accumulate * dist.world_size
     facts = {
         "parameters": _param_count(method),
         "encoder_parameters": _param_count(encoder) if encoder is not None else None,
@@ -94,6 +127,8 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
         "codes": built.latent.codes,
         "bits_per_image": built.latent.bits_per_image,
         "world_size": dist.world_size,
+        "global_batch": global_batch,
+        "accumulate": optim_cfg.accumulate,
         "device": str(dist.device),
         "precision": recipe.distributed.precision,
         "zero_stage": recipe.distributed.zero_stage,
@@ -101,19 +136,32 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     if isinstance(encoder, Encoder):
         facts.update({f"encoder_{k}": v for k, v in encoder.describe().items()})
 
-    start_step = 0
+    # ---- resume: weights, optimiser, schedule, then this rank's data position and generators
+    seed_everything(run_cfg.seed, dist.rank)
+    start_step, position, unreadable = 0, Position(), set()
     if resume_tag is not None:
-        client = checkpoint.load(engine, ckpt_dir, resume_tag)
+        client, own = checkpoint.load(engine, ckpt_dir, resume_tag, dist.rank)
         start_step = int(client["step"])
+        saved_world = int(client.get("world_size", dist.world_size))
+        if own is not None and saved_world == dist.world_size:
+            position, unreadable = Position(**own["data"]), set(own.get("unreadable", ()))
+            set_rng_state(own["rng"])
+        else:  # another number of ranks: the shards differ, so start the next epoch afresh
+            position = Position(epoch=int(client.get("max_epoch", 0)) + 1)
+            if main:
+                print(f"resuming {saved_world}-rank checkpoint on {dist.world_size} ranks: data restart at epoch {position.epoch}")
+        if main:
+            print(f"resuming from {ckpt_dir / resume_tag} (step {start_step})")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(out_dir / "recipe.toml", tomli_w.dumps(resolved))
+        if resume_tag is not None:
+            truncate_jsonl(out_dir / "metrics.jsonl", start_step)
     run = RunInfo(out_dir, resolved, method, built.dataset, built.image, built.latent, dist.device, dist.rank, dist.world_size)
 
-    # ---- data: a fresh stream position per (seed, resume point), so a resumed run sees new crops
-    stream_seed = run_cfg.seed if start_step == 0 else run_cfg.seed * 1_000_003 + start_step
-    batches = train_batches(
-        built.dataset, recipe.data.batch_size, stream_seed, dist.rank, dist.world_size, recipe.data.workers
+    batches = TrainBatches(
+        built.dataset, recipe.data.batch_size, run_cfg.seed, dist.rank, dist.world_size,
+        recipe.data.workers, position, recipe.data.max_unreadable, unreadable,
     )
     train_metrics = [m for m in recipe.eval.metrics if m not in EXPENSIVE_METRICS]
 
@@ -126,8 +174,12 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
         )
 
     def save(step: int) -> Path:
-        state = {"step": step, "ngkit_version": __version__, "recipe": resolved}
-        path = checkpoint.save(engine, ckpt_dir, step, state, dist.rank, keep=3)
+        epochs = torch.tensor([float(batches.position.epoch)])
+        torch.distributed.all_reduce(epochs, op=torch.distributed.ReduceOp.MAX)
+        state = {"step": step, "ngkit_version": __version__, "recipe": resolved,
+                 "world_size": dist.world_size, "max_epoch": int(epochs.item())}
+        own = {"data": batches.state(), "rng": rng_state(), "unreadable": sorted(batches.unreadable)}
+        path = checkpoint.save(engine, ckpt_dir, step, state, own, dist.rank, dist.world_size, keep=run_cfg.keep_checkpoints)
         if main:
             pm.hook.on_checkpoint(run=run, step=step, path=path)
         return path
@@ -137,54 +189,81 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     if main:
         pm.hook.on_train_start(run=run)
 
-    # ---- the loop
+    # ---- the loop: `accumulate` micro-batches per optimiser step
+    # DeepSpeed keeps bf16/fp16 weights (fp32 masters in the optimiser); autocast makes the
+    # float32 tensors that plugins create (statistics, embeddings) meet them in that precision.
+    autocast = torch.autocast(dist.device.type, dtype=dtype, enabled=dtype != torch.float32)
     window: dict[str, float] = defaultdict(float)
-    window_steps, skipped, consecutive_skips = 0, 0, 0
-    t_window, t_start = time.perf_counter(), time.perf_counter()
-    step = start_step
-    with progress:
+    window_steps, window_applied, skipped, consecutive_skips = 0, 0, 0, 0
+    t_window, t_start, t_saved = time.perf_counter(), time.perf_counter(), time.perf_counter()
+    step, saved_step, stop_signal, save_due = start_step, start_step if resume_tag else None, None, False
+    with progress, StopSignals() as signals:
         for step in range(start_step + 1, run_cfg.steps + 1):
-            x = next(batches).to(dist.device, dtype, non_blocking=True)
-            out = engine(x, step)
-            engine.backward(out.loss)
-            if recipe.optim.clip == "agc":
-                adaptive_clip_(params, recipe.optim.clip_value)
-            # Gradients are already averaged over ranks, so every rank takes the same decision;
-            # the loss flag is reduced too, for ZeRO stages whose gradients are partitioned.
-            ok = torch.tensor(float(torch.isfinite(out.loss).all() and grads_finite(params)), device=dist.device)
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-            if ok.item() > 0:
-                engine.step()
-                logs = {**out.logs, **method.after_step(step)}
+            finite, micro_logs = True, []
+            for micro in range(optim_cfg.accumulate):
+                x = next(batches).to(dist.device, dtype, non_blocking=True)
+                try:
+                    with autocast:
+                        out, failure = engine(x, step), None
+                except Exception as exc:  # the other ranks must not wait for this one in a collective
+                    out, failure = None, exc
+                # One all-reduce settles what every rank must decide alike: did every forward run,
+                # is every loss finite, has any rank been asked to stop, is a timed save due.
+                overdue = run_cfg.checkpoint_minutes > 0 and time.perf_counter() - t_saved > 60 * run_cfg.checkpoint_minutes
+                loss_ok = failure is None and bool(torch.isfinite(out.loss).all())
+                all_ran, all_finite, no_stop, not_due = _agree(
+                    [failure is None, loss_ok, not signals.requested, not overdue], dist.device
+                )
+                if not all_ran:
+                    if failure is not None:
+                        raise failure
+                    raise TrainingError(f"another rank failed at step {step}; its log has the error")
+                finite = finite and all_finite
+                save_due = save_due or not not_due
+                if not no_stop and stop_signal is None:
+                    stop_signal = signals.name or "a signal to another rank"
+                # A non-finite loss still runs backward (DeepSpeed's collectives and micro-step
+                # counters must advance on every rank); the guard refuses its gradients below.
+                engine.backward(out.loss)
+                if micro < optim_cfg.accumulate - 1:
+                    engine.step()  # DeepSpeed only accumulates here
+                micro_logs.append(out.logs)
+            if optim_cfg.clip == "agc" and finite:
+                adaptive_clip_(params, optim_cfg.clip_value)
+            guard.loss_ok, guard.applied = finite, False
+            engine.step()
+            window_steps += 1
+            if guard.applied:
+                logs = {k: sum(to_float(m[k]) for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
+                logs.update({k: to_float(v) for k, v in method.after_step(step).items()})
+                for key, value in logs.items():
+                    window[key] += value
+                window_applied += 1
                 consecutive_skips = 0
             else:
-                engine.zero_grad()
                 skipped += 1
                 consecutive_skips += 1
-                logs = {}
-                if consecutive_skips > recipe.optim.max_skipped_steps:
+                if consecutive_skips > optim_cfg.max_skipped_steps:
+                    newest = checkpoint.latest_tag(ckpt_dir)
+                    where = f"the newest complete checkpoint is {ckpt_dir / newest}" if newest else "no checkpoint was saved yet"
                     raise TrainingError(
                         f"{consecutive_skips} consecutive steps had a non-finite loss or gradient "
-                        f"(last at step {step}); the last good checkpoint is in {ckpt_dir}. Lower "
-                        f"[optim] lr, check the data, or resume with --resume {out_dir}"
+                        f"(last at step {step}); {where}. Lower [optim] lr or check the data, then "
+                        f"resume with --resume {out_dir} --set optim.lr=..."
                     )
-            for key, value in logs.items():
-                window[key] += to_float(value)
-            window_steps += bool(logs)
 
             if step % run_cfg.log_every == 0 or step == run_cfg.steps:
                 elapsed = time.perf_counter() - t_window
-                n = max(1, window_steps)
-                record = {"kind": "train", "step": step, **{k: v / n for k, v in window.items()}}
+                record = {"kind": "train", "step": step, **{k: v / max(1, window_applied) for k, v in window.items()}}
                 record["lr"] = engine.get_lr()[0]
-                record["images_per_s"] = n * recipe.data.batch_size * dist.world_size / max(elapsed, 1e-9)
+                record["images_per_s"] = window_steps * global_batch / max(elapsed, 1e-9)
                 record["skipped_steps"] = skipped
                 if main:
                     writer.write(record)
                     pm.hook.on_step_end(run=run, step=step, logs=record)
                 progress.update(step, record)
                 window.clear()
-                window_steps, t_window = 0, time.perf_counter()
+                window_steps, window_applied, t_window = 0, 0, time.perf_counter()
 
             if run_cfg.eval_every and step % run_cfg.eval_every == 0 and step != run_cfg.steps:
                 result = run_eval(step, train_metrics, recipe.eval.periodic_images or recipe.eval.num_images)
@@ -194,12 +273,25 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
                     pm.hook.on_eval_end(run=run, step=step, metrics=result.values)
                 progress.update(step, record)
 
-            if run_cfg.checkpoint_every and step % run_cfg.checkpoint_every == 0 and step != run_cfg.steps:
+            every = run_cfg.checkpoint_every and step % run_cfg.checkpoint_every == 0
+            if step != run_cfg.steps and (every or save_due or stop_signal):
                 save(step)
+                saved_step, t_saved, save_due = step, time.perf_counter(), False
+            if stop_signal:
+                break
+
+    if stop_signal:
+        if main:
+            writer.close()
+        raise RunStopped(
+            f"stopped by {stop_signal} after step {step}; checkpoint saved in {ckpt_dir / checkpoint.step_tag(step)}. "
+            f"Continue with: ngkit run --resume {out_dir}",
+            exit_code=130 if stop_signal == "SIGINT" else 0,
+        )
 
     # ---- the end: checkpoint, full evaluation, pictures, summary
     train_seconds = time.perf_counter() - t_start
-    if step > start_step or resume_tag is None:
+    if saved_step != step:
         save(step)
     result = run_eval(step, recipe.eval.metrics, recipe.eval.num_images)
     summary = {
@@ -207,10 +299,11 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
         "step": step,
         "train_seconds": train_seconds,
         "skipped_steps": skipped,
+        "unreadable_images": len(batches.unreadable),
         "beta": built.beta(step),
         "metrics": result.values,
         "protocol": result.protocols,
-        "eval_images": recipe.eval.num_images,
+        "eval_images": result.num_images,
         **facts,
         "versions": {"ngkit": __version__, "torch": torch.__version__},
     }

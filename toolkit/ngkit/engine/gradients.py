@@ -1,0 +1,112 @@
+"""Gradient clipping and the non-finite guard, at every ZeRO stage and precision.
+
+DeepSpeed moves gradients out of ``p.grad`` as soon as they are reduced (ZeRO 1–2 keep this rank's
+partition in flat buffers, ZeRO 3 partitions the parameters too, bf16 keeps fp32 accumulators),
+so nothing here reads ``p.grad`` directly:
+
+- **Adaptive clipping** (Brock et al. 2021, as DAPS uses at 1.0) needs whole rows of a gradient.
+  It reads each parameter's full averaged gradient through DeepSpeed's public
+  ``safe_get_full_grad`` (free at stage 0; one all-reduce per parameter at stages 1–3) and writes
+  the clipped gradient back with ``safe_set_full_grad``; every rank computes the same scales.
+- **Global-norm clipping** is DeepSpeed's own ``gradient_clipping``, computed on the partitions.
+- **The non-finite guard** is :class:`GuardedAdamW`: the optimiser that DeepSpeed steps. Its
+  ``step`` sees the gradients it is about to apply (the full gradient at stage 0, this rank's
+  partition otherwise), and every rank agrees through one all-reduce whether to apply them.
+  ZeRO and bf16 optimisers also refuse non-finite gradients themselves before calling it; either
+  way the step is skipped on every rank and :attr:`GuardedAdamW.applied` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def _unitwise_norm(t: Tensor) -> Tensor:
+    """Norm per output unit: rows of a matrix, filters of a conv, the whole of a vector/scalar."""
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+def _full_param(p: torch.nn.Parameter) -> Tensor:
+    """The whole fp32 value of a parameter (gathered under ZeRO-3)."""
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p)
+    return p.detach().float()
+
+
+def _full_grad(p: torch.nn.Parameter) -> Tensor | None:
+    if p.grad is not None and not hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id"):
+        return p.grad
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(p)
+
+
+@torch.no_grad()
+def agc_scale(param: Tensor, grad: Tensor, clip: float, eps: float = 1e-3) -> Tensor:
+    """Per-unit factor (<= 1) so that ||g_unit|| <= clip * max(||w_unit||, eps)."""
+    max_norm = _unitwise_norm(param.float()).clamp_min(eps) * clip
+    return (max_norm / _unitwise_norm(grad.float()).clamp_min(1e-6)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping of the averaged gradients, in place, at any ZeRO stage.
+
+    Must be called after the last backward of an optimiser step and before ``engine.step()``."""
+    for p in params:
+        grad = _full_grad(p)
+        if grad is None:
+            continue
+        scale = agc_scale(_full_param(p), grad, clip, eps)
+        if grad is p.grad:
+            p.grad.mul_(scale.to(p.grad.dtype))
+        else:
+            from deepspeed.utils import safe_set_full_grad
+
+            safe_set_full_grad(p, (grad.float() * scale).to(grad.dtype))
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that applies a step only when every rank's loss and gradients are finite.
+
+    The training loop sets :attr:`loss_ok` (already agreed across ranks) before ``engine.step()``
+    and reads :attr:`applied` afterwards. ``applied`` stays False when DeepSpeed's own overflow
+    check skipped the step before reaching this optimiser."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_ok = True
+        self.applied = False
+        # DeepSpeed reads ``overflow`` of the optimiser it steps (this one at stage 0 fp32, its
+        # ZeRO/bf16 wrapper otherwise: ``outer``) and then neither counts the step nor advances the
+        # learning-rate schedule.
+        self.overflow = False
+        self.outer: object | None = None
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return True
+        flags = torch.stack([torch.isfinite(g).all() for g in grads])
+        return bool(flags.all())
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        from ngkit.engine.distributed import all_ranks_agree
+
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        ok = all_ranks_agree(self.loss_ok and self.grads_finite(), device)
+        self.overflow = not ok
+        if not ok:
+            if self.outer is not None:
+                self.outer.overflow = True
+            return None
+        self.applied = True
+        return super().step(closure)
