@@ -11,7 +11,7 @@ from typing import Annotated
 import torch
 
 from ngkit import hookimpl
-from ngkit.components import BetaSchedule, Decoder, Encoder, LatentSpec, Ref, StepSizePolicy
+from ngkit.components import BetaSchedule, Decoder, Encoder, LatentSpec, PosteriorProxy, Ref, StepSizePolicy
 from ngkit_plugins.daps_method import Daps
 from ngkit_plugins.quantized_methods import FSQAutoencoder
 from ngkit_plugins.quantizers import Quantizer
@@ -58,14 +58,16 @@ class ProbedDaps(Daps):
     def __init__(
         self, *, encoder: Encoder, decoder: Decoder, beta: BetaSchedule, probe: str,
         samples: int = 8,
+        proxy: Annotated[PosteriorProxy, Ref("posterior_proxies")] = "daps",  # type: ignore[assignment]
         step_size: Annotated[StepSizePolicy, Ref("step_size_policies")] = "ess",  # type: ignore[assignment]
     ) -> None:
-        super().__init__(encoder=encoder, decoder=decoder, beta=beta, samples=samples, step_size=step_size)
+        super().__init__(encoder=encoder, decoder=decoder, beta=beta, samples=samples, proxy=proxy, step_size=step_size)
         self.probe = probe
 
     def after_step(self, step):
         logs = super().after_step(step)
-        record = {"step": step, "eta": float(logs["eta"]), "rng": hash(torch.get_rng_state().numpy().tobytes())}
+        eta = float(self.step_size.log_eta.exp())
+        record = {"step": step, "eta": eta, "rng": hash(torch.get_rng_state().numpy().tobytes())}
         with Path(self.probe.format(rank=_rank())).open("a") as f:
             f.write(json.dumps(record) + "\n")
         return logs

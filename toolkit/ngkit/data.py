@@ -115,8 +115,11 @@ class TrainBatches:
 
     def __post_init__(self) -> None:
         source = _Batches(self.dataset, self.batch_size, self.seed, self.rank, self.world, self.position)
+        # A generator of its own: the loader draws its workers' base seed from it, not from the
+        # global RNG, whose state (the sampling noise) a resumed run restores exactly.
+        generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(source, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                            prefetch_factor=4 if self.workers else None)
+                            prefetch_factor=4 if self.workers else None, generator=generator)
         self._it = iter(loader)
 
     def __iter__(self) -> Iterator[Tensor]:
