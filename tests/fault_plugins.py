@@ -52,6 +52,24 @@ class PoisonedFSQ(FSQAutoencoder):
         return out
 
 
+class SlowFSQ(PoisonedFSQ):
+    """FSQ whose every step takes at least ``seconds`` (to signal a run mid-step)."""
+
+    def __init__(
+        self, *, encoder: Encoder, decoder: Decoder, latent: LatentSpec,
+        quantizer: Annotated[Quantizer, Ref("quantizers")] = "fsq",  # type: ignore[assignment]
+        seconds: float = 0.5,
+    ) -> None:
+        super().__init__(encoder=encoder, decoder=decoder, latent=latent, quantizer=quantizer)
+        self.seconds = seconds
+
+    def forward(self, x, step):
+        import time
+
+        time.sleep(self.seconds)
+        return super().forward(x, step)
+
+
 class ProbedDaps(Daps):
     """DAPS that appends, after every applied step, this rank's η and RNG fingerprint to a file."""
 
@@ -76,6 +94,17 @@ class ProbedDaps(Daps):
 def _register(register) -> None:
     register("fsq-poisoned", PoisonedFSQ)
     register("daps-probed", ProbedDaps)
+    register("fsq-slow", SlowFSQ)
 
 
 fault_plugin = types.SimpleNamespace(register_methods=hookimpl(_register))
+
+
+if __name__ == "__main__":  # `python fault_plugins.py run ...`: the ngkit CLI with these plugins
+    import sys
+
+    from ngkit.cli.main import main
+    from ngkit.plugins import temporary_plugin
+
+    with temporary_plugin(fault_plugin, "fault_plugins"):
+        sys.exit(main(sys.argv[1:]))
