@@ -91,6 +91,23 @@ def test_slurm_style_processes_find_their_ranks(tmp_path):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def test_deepspeed_launcher(tmp_path):
+    """``deepspeed --num_gpus 2 --module ngkit.cli.main run ...``: the launcher each node of a
+    hostfile run starts (it also passes --local_rank=N, which ngkit accepts)."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tomli_w.dumps(tiny(run={"steps": 2, "eval_every": 0, "checkpoint_minutes": 0},
+                                         eval={"metrics": ["mse"], "num_images": 8})))
+    out = tmp_path / "run"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    proc = subprocess.run(
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ngkit.cli.main", "run", str(recipe), "--out", str(out), "--quiet"],
+        env={**clean_env(), "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
 @pytest.mark.parametrize(
     "env, expected",
     [

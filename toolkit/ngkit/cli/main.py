@@ -49,8 +49,27 @@ def _root(
     DEBUG["on"] = debug
 
 
+def launcher_args(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` that the ``deepspeed`` launcher (and old ``torch.distributed.launch``)
+    put before the sub-command; its value also arrives as the LOCAL_RANK variable."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq and i + 1 < len(argv):
+                value, skip = argv[i + 1], True
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = launcher_args(sys.argv[1:] if argv is None else list(argv))
     try:
         code = app(args=argv, standalone_mode=False)  # click returns the code of a typer.Exit
     except RunStopped as exc:
