@@ -50,10 +50,10 @@ def _write_atomic(path: Path, write) -> None:  # type: ignore[no-untyped-def]
 def write_shard(out: Path, index: int, fmt: str, codes: Tensor, labels: Tensor | None) -> None:
     files = shard_files(out, index, fmt)
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {"codes": codes} if labels is None else {"codes": codes, "labels": labels}
-        _write_atomic(files["codes"], lambda p: save_file(tensors, str(p)))
+        _write_atomic(files["codes"], lambda p: p.write_bytes(save(tensors)))
         return
     import numpy as np
 
