@@ -70,7 +70,8 @@ def test_codes_and_labels_decode_to_what_ngkit_eval_reconstructs(run_dir, tmp_pa
     decoded = torch.cat(list(tok.decode_batch(codes.split(16))))
     assert torch.equal(decoded, result.reconstructions)
 
-    assert main(["eval", str(run_dir), "--metric", "mse", "--batch-size", "16", "--num-images", str(TEST_IMAGES), "--json"]) == 0
+    eval_args = ["--metric", "mse", "--batch-size", "16", "--num-images", str(TEST_IMAGES), "--json"]
+    assert main(["eval", str(run_dir), *eval_args]) == 0
     record = json.loads(capsys.readouterr().out)
     mse = (decoded - result.images).pow(2).flatten(1).mean(1).mean().item()
     assert record["values"]["mse"] == pytest.approx(mse, rel=1e-6)

@@ -173,6 +173,7 @@ def test_third_party_component_exports_loads_and_is_named_when_missing(tmp_path)
         codes = tok.encode(images(4))
     finally:
         pm.remove_plugin("my_decoders")
-    with pytest.raises(PluginError, match=r'"my-conv" is provided by plugin "my_decoders" of package ngkit-my-decoders 1\.2\.0.*pip install ngkit-my-decoders'):
+    named = r'"my-conv" is provided by plugin "my_decoders" of package ngkit-my-decoders 1\.2\.0.*pip install ngkit-my-decoders'
+    with pytest.raises(PluginError, match=named):
         ngkit.load(tmp_path / "export")
     assert codes.shape == (4, 16)

@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,7 +41,7 @@ def shard_files(out: Path, index: int, fmt: str) -> dict[str, Path]:
     return {"labels": stem.with_suffix(".labels.npy"), "codes": stem.with_suffix(".codes.npy")}
 
 
-def _write_atomic(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
@@ -57,7 +57,7 @@ def write_shard(out: Path, index: int, fmt: str, codes: Tensor, labels: Tensor |
         return
     import numpy as np
 
-    def npy(array: Tensor):  # type: ignore[no-untyped-def]
+    def npy(array: Tensor) -> Callable[[Path], None]:
         def write(path: Path) -> None:
             with open(path, "wb") as f:  # a file object: np.save would append .npy to the temporary name
                 np.save(f, array.numpy())
@@ -87,13 +87,16 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def dataset_items(dataset: Any, split: str, num_images: int | None, seed: int) -> tuple[Iterator[tuple[Tensor, int | None]], bool]:
+Labelled = Iterator[tuple[Tensor, int | None]]  # (image [C, H, W], label or None)
+
+
+def dataset_items(dataset: Any, split: str, num_images: int | None, seed: int) -> tuple[Labelled, bool]:
     """(image, label) pairs of a split in a fixed order, and whether labels are real.
 
     Datasets with a ``labelled(split)`` method give every image once, with labels; otherwise the
     test split is ``test()`` and the train split the first ``num_images`` of the seeded stream."""
     if hasattr(dataset, "labelled"):
-        items: Iterator[tuple[Tensor, int | None]] = iter(dataset.labelled(split))
+        items: Labelled = iter(dataset.labelled(split))
         return (itertools.islice(items, num_images) if num_images else items), True
     if split == "test":
         return ((x, None) for x in dataset.test(rank=0, world_size=1, limit=num_images)), False
@@ -140,7 +143,7 @@ def encode_dataset(
     rank: int,
     world_size: int,
     sample: bool,
-    advance: Any,
+    advance: Callable[[int], object],
 ) -> int:
     """Write this rank's missing shards; returns how many shards it wrote."""
     written = 0
@@ -150,6 +153,8 @@ def encode_dataset(
             advance(sum(1 for _ in chunk))  # read past it (another rank's, or written before)
             continue
         codes, labels = [], []
+        if sample:  # sampled codes depend on the shard only, not on the rank that draws them
+            torch.manual_seed(index)
         for batch in _batched(chunk, batch_size):
             codes.append(tokenizer.encode(torch.stack([x for x, _ in batch]), sample=sample).to("cpu", dtype))
             labels += [y for _, y in batch]
@@ -163,7 +168,9 @@ def encode_dataset(
 def encode_command(
     target: Path = typer.Argument(..., help="Export folder, run directory or checkpoint."),
     out: Path = typer.Option(..., "--out", help="Folder for the shards (created; a rerun resumes)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Recipe file or registered dataset name (default: the run's)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Recipe file or registered dataset name (default: the run's)."
+    ),
     split: str = typer.Option("train", "--split", help="train or test."),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="Only the first N images of the split."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
