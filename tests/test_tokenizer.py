@@ -10,13 +10,14 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ngkit
 from ngkit import data, hookimpl
 from ngkit.engine.load import load_run
 from ngkit.engine.train_loop import train
 from ngkit.errors import DataError, NgkitError, PluginError
-from ngkit.export import CONFIG, export
+from ngkit.export import CONFIG, WEIGHTS, export
 from ngkit.plugins import PluginInfo, get_plugin_manager
 from ngkit.recipe import parse_recipe
 from ngkit_plugins.conv_decoder import ConvDecoder
@@ -40,6 +41,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "ppo": {"method": {"name": "ppo", "samples": 4, "epochs": 1}},
 }
 DETERMINISTIC = {"vqvae", "fsq"}  # no q(z|x) to sample from
+# the parts of each method in the weights file (default: encoder and decoder) and those left out
+EXPORTED = {"vqvae": {"encoder", "decoder", "quantizer", "to_code", "from_code"},
+            "fsq": {"encoder", "decoder", "to_code", "from_code"}}  # FSQ's levels are rebuilt from options
+NOT_EXPORTED = {"daps": {"step_size"}, "daps-na": {"step_size"}, "ppo": {"value", "kl_coef"}}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,11 @@ def test_round_trip_for_every_method(trained, method):
     x = images()
     reference = load_run(run_dir).engine.module.eval()  # the trained model, as DeepSpeed restores it
     tok = ngkit.load(run_dir / "export")
-    assert json.loads((run_dir / "export" / CONFIG).read_text())["method"] == method
+    config = json.loads((run_dir / "export" / CONFIG).read_text())
+    assert config["method"] == method
+    parts = {key.split(".")[0] for key in load_file(run_dir / "export" / WEIGHTS)}
+    assert parts == EXPORTED.get(method, {"encoder", "decoder"})
+    assert set(config["not_exported"]) == NOT_EXPORTED.get(method, set())
     codes = tok.encode(x)
     assert codes.shape == (32, 16) and codes.dtype == torch.long
     assert 0 <= codes.min() and codes.max() < 16

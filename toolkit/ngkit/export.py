@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ngkit import __version__
 from ngkit.binding import factory_params
@@ -106,8 +105,18 @@ class _TensorReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        self.ids.update(id(leaf) for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor))
+        self._note((args, kwargs))
         return func(*args, **kwargs)
+
+    def _note(self, value: Any) -> None:
+        if isinstance(value, Tensor):
+            self.ids.add(id(value))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._note(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self._note(item)
 
 
 def inference_parts(method: Method, image: ImageSpec) -> set[str]:
