@@ -66,6 +66,8 @@ def _crop(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool) -> n
 class Photos:
     """Random ``crop``×``crop`` RGB crops; train crops are drawn afresh forever (with flips)."""
 
+    endless = True  # its training epoch never ends
+
     def __init__(
         self,
         crop: int = 32,
@@ -114,10 +116,13 @@ class Digits:
     def __init__(self, test_images: int = 300) -> None:
         from sklearn.datasets import load_digits
 
-        images = load_digits().images.astype(np.float32) / 16.0
+        digits = load_digits()
+        images = digits.images.astype(np.float32) / 16.0
         order = np.random.default_rng(TEST_SEED).permutation(len(images))
         data = torch.from_numpy(images[order]).unsqueeze(1)
         self.train_set, self.test_set = data[test_images:], data[:test_images]
+        labels = digits.target[order].tolist()
+        self.labels = {"train": labels[test_images:], "test": labels[:test_images]}
         mean, std = float(self.train_set.mean()), float(self.train_set.std())
         self.spec = ImageSpec(1, 8, 8, (mean,), (std,))
 
@@ -129,6 +134,12 @@ class Digits:
 
     def test(self, *, shard: int, num_shards: int, limit: int | None) -> Iterator[Tensor]:
         yield from self.test_set[:limit][shard::num_shards]
+
+    def labelled(self, split: str) -> Iterator[tuple[Tensor, int]]:
+        """Every image of ``split`` ("train" or "test") once, in a fixed order, with its digit
+        0-9 (for ``ngkit encode``; the test order is that of ``test``)."""
+        images = {"train": self.train_set, "test": self.test_set}[split]
+        yield from zip(images, self.labels[split])
 
 
 @hookimpl

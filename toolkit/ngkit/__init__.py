@@ -11,13 +11,29 @@ Plugins import the hook marker from here::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from ngkit.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("ngkit")
 """Marker for plugin hook implementations."""
 
+
+def load(path: str | Path, *, step: int | None = None, device: str | torch.device = "cpu") -> Tokenizer:
+    """A trained tokenizer from an export folder, a run directory or a checkpoint (see
+    :func:`ngkit.tokenizer.load`); imported on first use, so ``import ngkit`` stays light."""
+    from ngkit.tokenizer import load as load_tokenizer
+
+    return load_tokenizer(path, step=step, device=device)
 
 
 def versions() -> dict[str, str]:
@@ -28,4 +44,4 @@ def versions() -> dict[str, str]:
     return {"ngkit": __version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
 
 
-__all__ = ["__version__", "hookimpl", "versions"]
+__all__ = ["__version__", "hookimpl", "load", "versions"]

@@ -102,6 +102,10 @@ class ImageDataset(Protocol):
     ``j, j + n, j + 2n, ...`` of the epoch's order) with the epoch's order and every random
     augmentation keyed by the example's position, so that the global batch does not depend on the
     number of ranks and a resumed run sees exactly the images the uninterrupted one would.
+
+    Optional: ``endless = True`` for a dataset whose training epoch never ends (fresh random
+    crops), and ``labelled(split) -> Iterable[(image, label)]`` listing a split once with its class
+    labels (``ngkit encode`` writes them next to the codes).
     """
 
     spec: ImageSpec

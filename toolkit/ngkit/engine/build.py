@@ -37,19 +37,33 @@ def build_dataset(recipe: Recipe) -> ImageDataset:
     return build_component(kind, table, {}, where)
 
 
+MODEL_TABLES = {"model.encoder": "encoders", "model.decoder": "decoders", "schedule.beta": "beta_schedules"}
+
+
+def model_tables(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The component tables that make the model, by recipe key: encoder, decoder, β, method."""
+    return {where: table for _, table, where in component_tables(recipe) if where in MODEL_TABLES or where == "method"}
+
+
+def build_method(
+    tables: dict[str, dict[str, Any]], image: ImageSpec, latent: LatentSpec, total_steps: int
+) -> tuple[BetaSchedule, Method]:
+    """Encoder, decoder and β schedule from their tables, then the method around them: needs the
+    image spec, not the dataset (so a trained tokenizer loads without its training data)."""
+    context: dict[str, Any] = {"image": image, "latent": latent, "total_steps": total_steps}
+    for where, kind in MODEL_TABLES.items():
+        context[where.split(".")[1]] = build_component(kind, tables[where], context, where)
+    method = build_component("methods", tables["method"], context, "method")
+    return context["beta"], method
+
+
 def build(recipe: Recipe, dataset: ImageDataset | None = None) -> Built:
     """Build every component of a recipe (the dataset may be passed in to reuse its load)."""
     dataset = dataset or build_dataset(recipe)
     image = dataset.spec
     latent = latent_for(image, recipe.model.codes, recipe.model.patch_size)
-    context: dict[str, Any] = {"image": image, "latent": latent, "total_steps": recipe.run.steps}
-    tables = {where: (kind, table) for kind, table, where in component_tables(recipe)}
-    for where in ("model.encoder", "model.decoder", "schedule.beta"):
-        kind, table = tables[where]
-        context[where.split(".")[1]] = build_component(kind, table, context, where)
-    kind, table = tables["method"]
-    method = build_component(kind, table, context, "method")
-    return Built(dataset, image, latent, context["beta"], method)
+    beta, method = build_method(model_tables(recipe), image, latent, recipe.run.steps)
+    return Built(dataset, image, latent, beta, method)
 
 
 def build_metrics(names: list[str], options: dict[str, dict[str, Any]]) -> dict[str, Metric]:

@@ -155,6 +155,9 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(out_dir / "recipe.toml", tomli_w.dumps(resolved))
+        # The image and latent spec, so an export needs no dataset (photos computes mean/std from pixels).
+        specs = {"image": vars(built.image), "latent": vars(built.latent)}
+        checkpoint.write_text_atomic(out_dir / "specs.json", json.dumps(specs, indent=2) + "\n")
         if resume_tag is not None:
             truncate_jsonl(out_dir / "metrics.jsonl", start_step)
     run = RunInfo(out_dir, resolved, method, built.dataset, built.image, built.latent, dist.device, dist.rank, dist.world_size)

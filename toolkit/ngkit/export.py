@@ -1,0 +1,203 @@
+"""``ngkit export``: a trained checkpoint -> a folder anyone can load, ``config.json`` +
+``model.safetensors`` (the format is documented in docs/tokenizer.md).
+
+Only what encoding and decoding read is exported: the method's parts that ``encode``/``decode``
+touch (encoder, decoder, quantizer...), not the optimizer, the step size η or other training
+state. The same checkpoint always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ngkit import __version__
+from ngkit.binding import factory_params
+from ngkit.components import ImageSpec, LatentSpec, Method
+from ngkit.engine.build import MODEL_TABLES, build_dataset, build_method, latent_for, model_tables
+from ngkit.engine.checkpoint import write_text_atomic
+from ngkit.engine.load import locate, read_model_state
+from ngkit.errors import NgkitError, WeightsError
+from ngkit.plugins import get_plugin_manager
+from ngkit.recipe import load_recipe
+
+FORMAT = "ngkit-tokenizer"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+SPECS = "specs.json"  # written into each run by the training loop
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KINDS = {**MODEL_TABLES, "method": "methods"}  # recipe key -> registry kind
+
+
+@dataclass
+class Snapshot:
+    """An export in memory: the config and the tensors ``encode``/``decode`` need."""
+
+    config: dict[str, Any]
+    state: dict[str, Tensor]
+
+
+def run_specs(run_dir: Path, codes: int, patch_size: int) -> tuple[ImageSpec, LatentSpec]:
+    """The image and latent spec of a run, from its specs.json (no dataset needed)."""
+    path = run_dir / SPECS
+    if not path.is_file():  # a run trained before specs.json was written: ask its dataset
+        image = build_dataset(load_recipe(run_dir / "recipe.toml")).spec
+        return image, latent_for(image, codes, patch_size)
+    raw = json.loads(path.read_text())
+    image = dict(raw["image"])
+    image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
+    return ImageSpec(**image), LatentSpec(tuple(raw["latent"]["grid"]), int(raw["latent"]["codes"]))
+
+
+def image_config(image: ImageSpec) -> dict[str, Any]:
+    return {
+        "channels": image.channels, "height": image.height, "width": image.width,
+        "mean": list(image.mean), "std": list(image.std), "pixel_range": [0.0, 1.0],
+    }
+
+
+def component_sources(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Recipe key -> the plugin and package that provide each component and sub-component."""
+    pm = get_plugin_manager()
+    registry = pm.registry
+    sources: dict[str, dict[str, str]] = {}
+
+    def visit(kind: str, table: dict[str, Any], where: str) -> None:
+        found = registry.get(kind, table["name"], where)
+        info = pm.info.get(found.plugin)
+        sources[where] = {
+            "kind": kind, "name": found.name, "plugin": found.plugin,
+            "package": info.package if info else "unknown", "version": info.version if info else "unknown",
+        }
+        for param in factory_params(found.factory)[0].values():
+            value = table.get(param.name, param.default)
+            sub = {"name": value} if isinstance(value, str) else value
+            if param.ref is not None and isinstance(sub, dict) and isinstance(sub.get("name"), str):
+                visit(param.ref.kind, sub, f"{where}.{param.name}")
+
+    for where, table in tables.items():
+        visit(KINDS[where], table, where)
+    return sources
+
+
+def can_sample(method: Method) -> bool:
+    """Whether codes can be drawn from q(z|x): methods built on a categorical posterior (DAPS,
+    Gumbel, REINFORCE, PPO...), whose deterministic codes are the encoder's mode."""
+    from ngkit_plugins.categorical_vae import CategoricalVAE
+
+    return isinstance(method, CategoricalVAE)
+
+
+class _TensorReads(TorchFunctionMode):
+    """Records every tensor passed to a torch function (to find the weights a call reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        self._note((args, kwargs))
+        return func(*args, **kwargs)
+
+    def _note(self, value: Any) -> None:
+        if isinstance(value, Tensor):
+            self.ids.add(id(value))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._note(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self._note(item)
+
+
+def inference_parts(method: Method, image: ImageSpec) -> set[str]:
+    """The method's top-level parts (submodule or tensor names) whose tensors encoding and
+    decoding read, found by running both on two random images."""
+    tensors = method.state_dict(keep_vars=True)
+    reads = _TensorReads()
+    was_training = method.training
+    method.eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        x = torch.rand(2, *image.shape, generator=torch.Generator().manual_seed(0))
+        with reads:
+            method.decode(method.encode(x))
+            if can_sample(method):
+                method.encoder.sample(x, 1)  # type: ignore[operator]
+    method.train(was_training)
+    return {key.split(".")[0] for key, tensor in tensors.items() if id(tensor) in reads.ids}
+
+
+def snapshot(target: Path, *, step: int | None = None, dtype: str = "float32") -> Snapshot:
+    """Read a run's checkpoint (latest, or ``step``) into an export, without DeepSpeed for ZeRO 0-2."""
+    if dtype not in DTYPES:
+        raise NgkitError(f"unknown export dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    run_dir, tag = locate(target, step)
+    recipe = load_recipe(run_dir / "recipe.toml")
+    image, latent = run_specs(run_dir, recipe.model.codes, recipe.model.patch_size)
+    tables = model_tables(recipe)
+    sources = component_sources(tables)
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG be
+        _, method = build_method(tables, image, latent, recipe.run.steps)
+    module, client = read_model_state(run_dir, tag)
+    expected = set(method.state_dict())
+    if set(module) != expected:
+        missing, unexpected = sorted(expected - set(module)), sorted(set(module) - expected)
+        raise WeightsError(
+            f"{run_dir / 'checkpoints' / tag} does not fit the method its recipe builds (missing: "
+            f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'}); "
+            f"was it trained with other versions of the plugins in {run_dir / 'recipe.toml'}?"
+        )
+    parts = inference_parts(method, image)
+    state = {
+        key: (value.to(DTYPES[dtype]) if value.is_floating_point() else value).detach().clone().contiguous()
+        for key, value in sorted(module.items())
+        if key.split(".")[0] in parts
+    }
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ngkit_version": __version__,
+        "method": tables["method"]["name"],
+        "components": tables,
+        "sources": sources,
+        "image": image_config(image),
+        "latent": {"grid": list(latent.grid), "codes": latent.codes, "tokens": latent.tokens,
+                   "patch_size": recipe.model.patch_size},
+        "sample": can_sample(method),
+        "dtype": dtype,
+        "not_exported": sorted({key.split(".")[0] for key in module} - parts),
+        "total_steps": recipe.run.steps,
+        "step": int(client.get("step", int(tag.split("-")[-1]))),
+        "checkpoint": tag,
+        "trained": {"dataset": recipe.data.name, "precision": recipe.distributed.precision,
+                    "zero_stage": recipe.distributed.zero_stage, "ngkit_version": client.get("ngkit_version")},
+    }
+    return Snapshot(config, state)
+
+
+def write_export(snap: Snapshot, out: Path) -> None:
+    """``out/model.safetensors`` and ``out/config.json`` (each replaced atomically)."""
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = save(snap.state, metadata={"format": "pt", "ngkit_format": FORMAT})
+    tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, out / WEIGHTS)
+    write_text_atomic(out / CONFIG, json.dumps(snap.config, indent=2, sort_keys=True) + "\n")
+
+
+def export(target: Path, out: Path, *, step: int | None = None, dtype: str = "float32") -> Snapshot:
+    """Export a run or checkpoint into ``out``; returns what was written."""
+    snap = snapshot(target, step=step, dtype=dtype)
+    write_export(snap, out)
+    return snap
