@@ -91,6 +91,26 @@ def test_slurm_style_processes_find_their_ranks(tmp_path):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def test_node_local_run_directories_are_refused(tmp_path):
+    """Two "nodes" whose --out has the same name on different disks (each its own working
+    directory): checkpoints renamed by rank 0 would be invisible to rank 1, so both refuse."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tomli_w.dumps(tiny(run={"steps": 2, "checkpoint_minutes": 0})))
+    port = str(free_port())
+    procs = []
+    for r in (0, 1):
+        node_disk = tmp_path / f"node{r}"
+        node_disk.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "ngkit.cli.main", "run", str(recipe), "--out", "run", "--quiet"], cwd=node_disk,
+            env=clean_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=port, PYTHONPATH=os.pathsep.join(sys.path)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for code, err in wait_all(procs):
+        assert code == 2 and "not shared by all ranks" in err, err[-2000:]
+    assert not (tmp_path / "node0" / "run" / "checkpoints").exists()
+
+
 def test_deepspeed_launcher(tmp_path):
     """``deepspeed --num_gpus 2 --module ngkit.cli.main run ...``: the launcher each node of a
     hostfile run starts (it also passes --local_rank=N, which ngkit accepts)."""
