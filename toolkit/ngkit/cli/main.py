@@ -16,6 +16,7 @@ from rich.markup import escape
 from ngkit import __version__
 from ngkit.cli import compare_cmd, eval_cmd, plugins_cmd, recipes_cmd, run_cmd, weights_cmd
 from ngkit.errors import NgkitError
+from ngkit.plugins import add_plugin_commands
 
 app = typer.Typer(
     name="ngkit",
@@ -33,6 +34,7 @@ app.add_typer(weights_cmd.app, name="weights")
 
 err = Console(stderr=True)
 DEBUG = {"on": False}
+PLUGIN_COMMANDS = {"added": False}  # once per process, however often main() runs
 
 
 def _version(value: bool) -> None:
@@ -51,6 +53,10 @@ def _root(
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not PLUGIN_COMMANDS["added"]:
+        PLUGIN_COMMANDS["added"] = True
+        for warning in add_plugin_commands(app):
+            err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     try:
         code = app(args=argv, standalone_mode=False)  # click returns the code of a typer.Exit
     except NgkitError as exc:
