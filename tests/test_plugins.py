@@ -1,20 +1,16 @@
 """Plugin loading: entry points, NGKIT_PLUGINS, duplicate names, broken plugins, typos in hooks,
 call order, and where each component lives.
 
-Third-party packages are real installed distributions: a ``*.dist-info`` folder with an
-``entry_points.txt`` and a module, written to a temporary directory put on ``sys.path``.
+Third-party packages are real installed distributions (see ``fake_dists.py``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import sys
-import textwrap
 import types
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
+from fake_dists import install  # noqa: F401 (a fixture)
 
 from ngkit import hookimpl
 from ngkit.cli.plugins_cmd import plugin_rows
@@ -29,29 +25,6 @@ from ngkit.plugins import (
     select_entry_points,
     temporary_plugin,
 )
-
-Install = Callable[..., None]
-
-
-@pytest.fixture
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Install:
-    """``install(package, {entry point: module}, {module: source})``: a package as pip leaves it."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    added: list[str] = []
-
-    def _install(package: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
-        info = tmp_path / f"{package.replace('-', '_')}-1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
-        lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
-        (info / "entry_points.txt").write_text(f"[ngkit]\n{lines}")
-        for module, source in modules.items():
-            (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
-            added.append(module)
-
-    yield _install
-    for module in added:
-        sys.modules.pop(module, None)
 
 
 def use_plugins(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
@@ -183,10 +156,24 @@ def test_duplicate_entry_point_names_name_both_packages(install, monkeypatch):
         get_registry()
     msg = str(info.value)
     assert 'plugin name "shapes" is declared by two packages: pkg-one 1.0 (shapes_one) and pkg-two 1.0 (shapes_two)' in msg
-    assert "neither loads" in msg and "rename the entry point in one of the two packages" in msg
+    assert "neither loads" in msg and "rename the entry point in one of the packages, or uninstall one of them" in msg
     rows = plugin_rows(include_unloaded=True)
     assert [r["status"] for r in rows if r["name"] == "shapes"] == ["clash"]
     assert "conv_decoder" in {r["name"] for r in rows}
+    use_plugins(monkeypatch, "")  # not asked for: nothing to report
+    assert "eta-x" not in get_registry().names("step_size_policies")
+
+
+def test_third_party_entry_point_named_like_a_builtin_leaves_the_builtin(install, monkeypatch):
+    install("ngkit-my-conv", {"conv_decoder": "my_conv_mod"}, {"my_conv_mod": DECODER_CONV})
+    monkeypatch.delenv("NGKIT_PLUGINS")
+    reset_plugin_manager()
+    with pytest.raises(PluginError) as info:
+        get_registry()
+    msg = str(info.value)
+    assert 'plugin name "conv_decoder" is declared by two packages' in msg and "only the built-in loads" in msg
+    assert "rename the entry point in ngkit-my-conv; ngkit's built-in names cannot change" in msg
+    assert get_plugin_manager().collect().entries["decoders"]["conv"].plugin == "conv_decoder"
 
 
 def test_broken_plugin_is_reported_and_the_rest_still_listed(install, monkeypatch):
@@ -259,7 +246,7 @@ def test_unknown_name_says_which_excluded_plugin_provides_it(install, monkeypatc
     msg = str(info.value)
     assert 'unknown step-size policy name "eta-x"' in msg
     assert ('"eta-x" is provided by plugin "eta_x" (package ngkit-eta-x 1.0), which is installed but '
-            'left out by NGKIT_PLUGINS="": add eta_x to NGKIT_PLUGINS') in msg
+            'left out by NGKIT_PLUGINS="": add eta_x (or its package, ngkit-eta-x) to NGKIT_PLUGINS') in msg
     excluded = [r for r in plugin_rows(include_unloaded=True) if r["status"] == "excluded"]
     assert [(r["name"], r["reason"]) for r in excluded] == [("eta_x", 'left out by NGKIT_PLUGINS=""')]
     assert "eta_x" not in {r["name"] for r in plugin_rows()}

@@ -89,7 +89,7 @@ def test_eta_decay_runs_from_a_recipe_and_is_refused_when_switched_off(site, tmp
     assert off.returncode == 2
     assert 'unknown step-size policy name "eta-decay"' in off.stderr
     assert ('"eta-decay" is provided by plugin "eta_decay" (package ngkit-eta-decay 0.1.0), which is installed '
-            'but left out by NGKIT_PLUGINS="ngkit-shapes": add eta_decay to NGKIT_PLUGINS') in " ".join(off.stderr.split())
+            'but left out by NGKIT_PLUGINS="ngkit-shapes": add eta_decay (or its package, ngkit-eta-decay) to NGKIT_PLUGINS') in " ".join(off.stderr.split())
 
 
 def test_shapes_dataset_decoder_and_metric_train_from_the_shipped_recipe(site, tmp_path):

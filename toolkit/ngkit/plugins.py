@@ -152,7 +152,7 @@ def _clash_fix(first: PluginInfo, second: PluginInfo, what: str) -> str:
         return f"rename {what} in {other.package}; ngkit's built-in names cannot change"
     return (
         f"rename {what} in one of the two packages, or load only one of them with "
-        f"NGKIT_PLUGINS (e.g. NGKIT_PLUGINS={first.name})"
+        f"NGKIT_PLUGINS (e.g. NGKIT_PLUGINS={first.name} leaves out {second.name})"
     )
 
 
@@ -250,8 +250,8 @@ class PluginManager(pluggy.PluginManager):
         info = self.excluded[found.plugin]
         return (
             f'"{name}" is provided by {info.label}, which is installed but left out by '
-            f'NGKIT_PLUGINS="{self.selection}": add {info.name} to '
-            f"NGKIT_PLUGINS, or unset it to load every installed plugin"
+            f'NGKIT_PLUGINS="{self.selection}": add {info.name} (or its package, {info.package}) '
+            f"to NGKIT_PLUGINS, or unset it to load every installed plugin"
         )
 
     def provides(self, plugin: str) -> dict[str, list[str]]:
@@ -291,51 +291,65 @@ class Selection:
     problems: list[PluginProblem]
 
 
-def _unique_names(eps: list[importlib.metadata.EntryPoint]) -> tuple[list[importlib.metadata.EntryPoint], list[PluginProblem]]:
-    """One entry point per name. A name two packages declare loads from neither (a built-in
-    keeps its name) and is reported naming both packages."""
+def _name_clashes(
+    eps: list[importlib.metadata.EntryPoint],
+) -> tuple[list[importlib.metadata.EntryPoint], dict[str, PluginProblem]]:
+    """One entry point per name, and the third-party entry points whose name another package
+    also declares (they never load: a built-in keeps its name; between third parties, neither
+    wins), each with the problem to report if it was asked for."""
     by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
     for ep in eps:
         by_name.setdefault(ep.name, []).append(ep)
-    unique, problems = [], []
+    unique, clashes = [], {}
     for name, group in by_name.items():
+        infos = [_info(ep) for ep in group]
         if len(group) == 1:
             unique.append(group[0])
             continue
-        infos = [_info(ep) for ep in group]
-        builtin = [ep for ep, info in zip(group, infos) if info.builtin]
-        unique += builtin
+        unique += [ep for ep, info in zip(group, infos) if info.builtin]
+        third = [info for info in infos if not info.builtin]
         packages = " and ".join(f"{i.package} {i.version} ({i.module})" for i in infos)
-        problems.append(PluginProblem(name, ", ".join(i.package for i in infos if not i.builtin), "clash", (
-            f'plugin name "{name}" is declared by two packages: {packages}; '
-            f"{'only the built-in loads' if builtin else 'neither loads'}. Plugin names must be "
-            f"unique: {_clash_fix(infos[0], infos[1], 'the entry point')} "
-            f"([project.entry-points.ngkit] in its pyproject.toml), then reinstall it"
-        )))
-    return unique, problems
+        if len(third) < len(infos):
+            outcome = "only the built-in loads"
+            fix = f"rename the entry point in {third[0].package}; ngkit's built-in names cannot change"
+        else:
+            outcome = "neither loads"
+            fix = "rename the entry point in one of the packages, or uninstall one of them"
+        clashes[name] = PluginProblem(name, ", ".join(i.package for i in third), "clash", (
+            f'plugin name "{name}" is declared by two packages: {packages}; {outcome}. Plugin '
+            f"names must be unique: {fix} ([project.entry-points.ngkit] in its pyproject.toml, "
+            f"then reinstall it)"
+        ))
+    return unique, clashes
 
 
 def select_entry_points(selection: str | None) -> Selection:
     """Entry points to load for a ``NGKIT_PLUGINS`` value (None: unset); a name may be an
-    entry-point name or a package name."""
+    entry-point name or a package name. A name clash is reported only if the variable would load
+    one of the clashing plugins."""
     installed = _entry_points()
-    eps, problems = _unique_names(installed)
-    clashing = [ep for ep in installed if ep not in eps]  # already reported
+    eps, clashes = _name_clashes(installed)
     builtins = [ep for ep in eps if _info(ep).builtin]
     external = [ep for ep in eps if not _info(ep).builtin]
     if selection is None:
-        return Selection(builtins + external, [], problems)
+        return Selection(builtins + external, [], list(clashes.values()))
     wanted = [s.strip() for s in selection.split(",") if s.strip()]
-    chosen = []
+    chosen: list[importlib.metadata.EntryPoint] = []
+    problems: list[PluginProblem] = []
+
+    def named(w: str, ep: importlib.metadata.EntryPoint) -> bool:
+        return w == ep.name or _normalise(w) == _normalise(_dist_name(ep))
+
     for w in wanted:
-        matches = [ep for ep in external if w == ep.name or _normalise(w) == _normalise(_dist_name(ep))]
-        if matches:
-            chosen += [ep for ep in matches if ep not in chosen]
+        clashing = {clashes[ep.name].plugin: clashes[ep.name] for ep in installed
+                    if ep.name in clashes and named(w, ep) and not _info(ep).builtin}
+        problems += [p for p in clashing.values() if p not in problems]
+        matches = [ep for ep in external if named(w, ep)]
+        chosen += [ep for ep in matches if ep not in chosen]
+        if matches or clashing:
             continue
         if any(w == ep.name for ep in builtins) or _normalise(w) == BUILTIN_DISTRIBUTION:
             continue  # built-ins always load
-        if any(w == ep.name or _normalise(w) == _normalise(_dist_name(ep)) for ep in clashing):
-            continue
         listing = ", ".join(f"{ep.name} (package {_dist_name(ep)})" for ep in external) or "none"
         problems.append(PluginProblem(w, "-", "broken", (
             f'NGKIT_PLUGINS="{selection}" names "{w}", which is neither the entry-point name nor '
