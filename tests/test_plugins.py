@@ -283,3 +283,16 @@ def test_every_kind_has_a_hook():
     pm = PluginManager()
     for hook in KINDS.values():
         assert hasattr(pm.hook, hook)
+
+
+def test_two_third_party_plugins_with_one_component_name_say_how_to_choose(install, monkeypatch):
+    install("pkg-a", {"eta_a": "eta_a_mod"}, {"eta_a_mod": ETA_X})
+    install("pkg-b", {"eta_b": "eta_b_mod"}, {"eta_b_mod": ETA_X})
+    use_plugins(monkeypatch, "eta_a,eta_b")
+    with pytest.raises(PluginError) as info:
+        get_registry()
+    msg = str(info.value)
+    assert '(package pkg-a 1.0) as eta_a_mod:EtaX' in msg and '(package pkg-b 1.0) as eta_b_mod:EtaX' in msg
+    assert "rename 'eta-x' in one of the two packages, or load only one of them with NGKIT_PLUGINS" in msg
+    use_plugins(monkeypatch, "eta_a")  # the way out the message gives
+    assert get_registry().get("step_size_policies", "eta-x").plugin == "eta_a"
