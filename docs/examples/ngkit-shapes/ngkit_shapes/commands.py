@@ -18,7 +18,7 @@ def register_commands(cli: typer.Typer) -> None:
         count: int = typer.Option(16, help="Number of shapes (a square grid)."),
         size: int = typer.Option(16, help="Side of each shape in pixels."),
     ) -> None:
-        """Write a grid of random shapes from the ``shapes`` dataset."""
+        """Write a grid of random images from the shapes dataset."""
         import torch
         from PIL import Image
 
