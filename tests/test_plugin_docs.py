@@ -4,6 +4,7 @@ every hook has at least one example."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import types
@@ -15,6 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 import ngkit.hookspecs
+from ngkit import hookimpl
 from ngkit.binding import build_component, check_component
 from ngkit.components import EvalBatch, ImageSpec, LatentSpec
 from ngkit.plugins import get_registry, temporary_plugin
@@ -37,7 +39,7 @@ def load(name: str) -> types.ModuleType:
 def plugin(request):
     """The named examples registered as plugins for one test."""
     names = request.param if isinstance(request.param, tuple) else (request.param,)
-    with __import__("contextlib").ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         for name in names:
             stack.enter_context(temporary_plugin(load(name), f"doc_{name}"))
         yield
@@ -174,3 +176,12 @@ def test_commands_example():
     load("commands").register_commands(cli=cli)
     result = CliRunner().invoke(cli, ["hello", "--name", "ngkit"])
     assert result.exit_code == 0 and result.output == "hello ngkit\n"
+
+
+def test_the_context_error_the_guide_quotes_is_the_real_one():
+    module = types.ModuleType("my_metric")
+    exec("class Area:\n    def __init__(self, image):\n        pass\n", module.__dict__)
+    plugin = types.SimpleNamespace(register_metrics=hookimpl(lambda register: register("area", module.Area)))
+    with temporary_plugin(plugin, "my_metric"):
+        msg = check_component("metrics", {"name": "area"}, "eval.metrics.area", get_registry())[0]
+    assert f"```\n{msg}\n```" in GUIDE.read_text()

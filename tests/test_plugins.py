@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import types
+from pathlib import Path
 
 import pytest
 from fake_dists import install  # noqa: F401 (a fixture)
@@ -25,6 +26,9 @@ from ngkit.plugins import (
     select_entry_points,
     temporary_plugin,
 )
+
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-a-plugin.md"
 
 
 def use_plugins(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
@@ -142,6 +146,7 @@ def test_third_party_duplicate_component_names_both_packages_and_says_rename(ins
     assert 'plugin "my_conv" (package ngkit-my-conv 1.0) as my_conv_mod:MyConv' in msg
     assert "rename 'conv' in ngkit-my-conv; ngkit's built-in names cannot change" in msg
     assert "NGKIT_PLUGINS" not in msg  # a built-in cannot be switched off
+    assert f"```\n{msg}\n```" in GUIDE.read_text()  # docs/writing-a-plugin.md quotes it verbatim
     # `ngkit plugins` still lists everything, the built-in keeps its name, the clash is shown
     rows = {(r["name"], r["status"]): r for r in plugin_rows(include_unloaded=True)}
     assert rows[("conv_decoder", "loaded")]["components"] == {"decoders": {"conv": "ngkit_plugins.conv_decoder:ConvDecoder"}}
@@ -156,7 +161,8 @@ def test_duplicate_entry_point_names_name_both_packages(install, monkeypatch):
         get_registry()
     msg = str(info.value)
     assert 'plugin name "shapes" is declared by two packages: pkg-one 1.0 (shapes_one) and pkg-two 1.0 (shapes_two)' in msg
-    assert "neither loads" in msg and "rename the entry point in one of the packages, or uninstall one of them" in msg
+    assert "neither loads" in msg and "rename the entry point in one of the packages ([project.entry-points.ngkit]" in msg
+    assert msg.endswith("and reinstall it, or uninstall one of them")
     rows = plugin_rows(include_unloaded=True)
     assert [r["status"] for r in rows if r["name"] == "shapes"] == ["clash"]
     assert "conv_decoder" in {r["name"] for r in rows}
@@ -172,7 +178,10 @@ def test_third_party_entry_point_named_like_a_builtin_leaves_the_builtin(install
         get_registry()
     msg = str(info.value)
     assert 'plugin name "conv_decoder" is declared by two packages' in msg and "only the built-in loads" in msg
-    assert "rename the entry point in ngkit-my-conv; ngkit's built-in names cannot change" in msg
+    assert msg.endswith(
+        "rename the entry point in ngkit-my-conv ([project.entry-points.ngkit] in its pyproject.toml) and "
+        "reinstall it; ngkit's built-in names cannot change"
+    )
     assert get_plugin_manager().collect().entries["decoders"]["conv"].plugin == "conv_decoder"
 
 

@@ -309,16 +309,16 @@ def _name_clashes(
         unique += [ep for ep, info in zip(group, infos) if info.builtin]
         third = [info for info in infos if not info.builtin]
         packages = " and ".join(f"{i.package} {i.version} ({i.module})" for i in infos)
+        where = "([project.entry-points.ngkit] in its pyproject.toml) and reinstall it"
         if len(third) < len(infos):
             outcome = "only the built-in loads"
-            fix = f"rename the entry point in {third[0].package}; ngkit's built-in names cannot change"
+            fix = f"rename the entry point in {third[0].package} {where}; ngkit's built-in names cannot change"
         else:
             outcome = "neither loads"
-            fix = "rename the entry point in one of the packages, or uninstall one of them"
+            fix = f"rename the entry point in one of the packages {where}, or uninstall one of them"
         clashes[name] = PluginProblem(name, ", ".join(i.package for i in third), "clash", (
             f'plugin name "{name}" is declared by two packages: {packages}; {outcome}. Plugin '
-            f"names must be unique: {fix} ([project.entry-points.ngkit] in its pyproject.toml, "
-            f"then reinstall it)"
+            f"names must be unique: {fix}"
         ))
     return unique, clashes
 
