@@ -19,12 +19,29 @@ from pydantic import TypeAdapter, ValidationError
 
 from ngkit.components import CONTEXT_ARGS, Ref
 from ngkit.errors import RecipeError
-from ngkit.plugins import Registry, get_registry
+from ngkit.plugins import NOUNS, Registry, get_registry
 
 if typing.TYPE_CHECKING:
     from ngkit.recipe import Recipe
 
 _EMPTY = inspect.Parameter.empty
+
+_SHAPES = ("image", "latent", "total_steps")
+# Which context arguments each kind of factory is given (engine/build.py fills them in). A
+# method's sub-components (proxy, step size, quantizer) are built with the method's context.
+# Datasets come first (the others are derived from them); metrics read the images and the latent
+# spec from each EvalBatch instead, so the same metric serves `ngkit run` and `ngkit eval`.
+CONTEXT_BY_KIND: dict[str, tuple[str, ...]] = {
+    "datasets": (),
+    "encoders": _SHAPES,
+    "decoders": _SHAPES,
+    "beta_schedules": _SHAPES,
+    "methods": (*_SHAPES, "encoder", "decoder", "beta"),
+    "posterior_proxies": _SHAPES,
+    "step_size_policies": _SHAPES,
+    "quantizers": _SHAPES,
+    "metrics": (),
+}
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,12 @@ def _short(exc: ValidationError) -> str:
     return "; ".join(e["msg"] for e in exc.errors())
 
 
+_CONTEXT_FIX = {
+    "metrics": "Remove the parameter and read batch.images and batch.latent in update()",
+    "datasets": "Remove the parameter; a dataset takes only its recipe options",
+}
+
+
 def check_component(kind: str, table: dict[str, Any], where: str, registry: Registry) -> list[str]:
     """Every problem with one component table, without building anything."""
     name = table.get("name")
@@ -100,7 +123,16 @@ def check_component(kind: str, table: dict[str, Any], where: str, registry: Regi
     factory = registry.entries[kind][name].factory
     params, var_kw = factory_params(factory)
     options = {k: v for k, v in table.items() if k != "name"}
-    problems = []
+    given = CONTEXT_BY_KIND.get(kind, ())
+    problems = [
+        f'[{where}] {NOUNS[kind]} "{name}" ({registry.entries[kind][name].location}) asks for the '
+        f'context argument "{p}", which ngkit gives only to '
+        f"{', '.join(k for k, args in CONTEXT_BY_KIND.items() if p in args)}; {kind} get "
+        f"{', '.join(given) or 'none'}. {_CONTEXT_FIX.get(kind, 'Remove the parameter')} "
+        f"(see docs/writing-a-plugin.md)"
+        for p in params
+        if p in CONTEXT_ARGS and p not in given
+    ]
     for key, value in options.items():
         if key in CONTEXT_ARGS and key in params:
             problems.append(f"[{where}.{key}] is set by ngkit ({CONTEXT_ARGS[key]}); remove it")
@@ -147,7 +179,7 @@ def build_component(kind: str, table: dict[str, Any], context: dict[str, Any], w
     kwargs: dict[str, Any] = {}
     for param in params.values():
         if param.name in CONTEXT_ARGS:
-            if param.name in context:
+            if param.name in context and param.name in CONTEXT_BY_KIND.get(kind, ()):
                 kwargs[param.name] = context[param.name]
             continue
         if param.ref is not None:

@@ -1,12 +1,19 @@
 """Hook specifications: every way a plugin extends ngkit.
 
-Registration hooks are called once when the plugin manager is built; each hands the plugin a
-``register(name, factory)`` callback. The *name* is what recipes write; the *factory* (usually a
-class) is called with the recipe's options for that component plus any context arguments it
-declares by name (``image``, ``latent``, ``encoder``, ``decoder``, ``beta``, ``total_steps``; see
-:data:`ngkit.components.CONTEXT_ARGS`).
+Registration hooks (``register_<kind>s``) hand the plugin a ``register(name, factory)`` callback.
+They run lazily, the first time a name is looked up, and again after any plugin is added or
+removed, so they should do nothing but call ``register``. The *name* is what recipes write; the
+*factory* (usually a class) is called with the recipe's options for that component plus the
+context arguments it declares by name; which kind gets which is
+:data:`ngkit.binding.CONTEXT_BY_KIND` (a factory asking for one its kind does not get is a recipe
+error).
 
-Run hooks (``on_*``) are called by the training loop on rank 0 only, in registration order.
+Run hooks (``on_*``) are called by the training loop on rank 0 only. pluggy calls the
+implementations last-registered first: third-party plugins (loaded after the built-ins, each group
+in entry-point name order) before built-ins. Mark an implementation ``@hookimpl(tryfirst=True)``
+or ``@hookimpl(trylast=True)`` to move it to the front or the back.
+
+``register_commands`` is called once per ``ngkit`` invocation, before the command line is parsed.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import typer
 
     from ngkit.components import Register
     from ngkit.engine.run_info import RunInfo
@@ -38,6 +47,7 @@ __all__ = [
     "on_eval_end",
     "on_checkpoint",
     "on_train_end",
+    "register_commands",
 ]
 
 
@@ -45,7 +55,8 @@ __all__ = [
 def register_encoders(register: Register) -> None:
     """Register encoders q(z|x) (:class:`ngkit.components.Encoder`) for ``[model.encoder]``.
 
-    :param register: call ``register(name, factory)``; the factory receives ``image`` and ``latent``.
+    :param register: call ``register(name, factory)``; the factory may take ``image``, ``latent``
+        and ``total_steps``.
     """
 
 
@@ -53,7 +64,8 @@ def register_encoders(register: Register) -> None:
 def register_decoders(register: Register) -> None:
     """Register decoders p(x|z) (:class:`ngkit.components.Decoder`) for ``[model.decoder]``.
 
-    :param register: call ``register(name, factory)``; the factory receives ``image`` and ``latent``.
+    :param register: call ``register(name, factory)``; the factory may take ``image``, ``latent``
+        and ``total_steps``.
     """
 
 
@@ -61,7 +73,8 @@ def register_decoders(register: Register) -> None:
 def register_posterior_proxies(register: Register) -> None:
     """Register posterior proxies (:class:`ngkit.components.PosteriorProxy`) for ``[method.proxy]``.
 
-    :param register: call ``register(name, factory)``.
+    :param register: call ``register(name, factory)``; the factory may take ``image``, ``latent``
+        and ``total_steps``.
     """
 
 
@@ -70,7 +83,8 @@ def register_step_size_policies(register: Register) -> None:
     """Register step-size policies for η (:class:`ngkit.components.StepSizePolicy`) for
     ``[method.step_size]``.
 
-    :param register: call ``register(name, factory)``.
+    :param register: call ``register(name, factory)``; the factory may take ``image``, ``latent``
+        and ``total_steps``.
     """
 
 
@@ -78,7 +92,8 @@ def register_step_size_policies(register: Register) -> None:
 def register_beta_schedules(register: Register) -> None:
     """Register β schedules (:class:`ngkit.components.BetaSchedule`) for ``[schedule.beta]``.
 
-    :param register: call ``register(name, factory)``; the factory may take ``total_steps``.
+    :param register: call ``register(name, factory)``; the factory may take ``image``, ``latent``
+        and ``total_steps``.
     """
 
 
@@ -86,7 +101,8 @@ def register_beta_schedules(register: Register) -> None:
 def register_quantizers(register: Register) -> None:
     """Register quantizers (continuous features -> codes, e.g. VQ, FSQ) for ``[method.quantizer]``.
 
-    :param register: call ``register(name, factory)``; the factory may take ``latent``.
+    :param register: call ``register(name, factory)``; the factory may take ``image``, ``latent``
+        and ``total_steps``.
     """
 
 
@@ -104,7 +120,8 @@ def register_methods(register: Register) -> None:
 def register_datasets(register: Register) -> None:
     """Register image datasets (:class:`ngkit.components.ImageDataset`) for ``[data]``.
 
-    :param register: call ``register(name, factory)``.
+    :param register: call ``register(name, factory)``; the factory gets no context arguments
+        (the dataset is what the others are derived from).
     """
 
 
@@ -113,7 +130,8 @@ def register_metrics(register: Register) -> None:
     """Register held-out metrics (:class:`ngkit.components.Metric`) for ``[eval] metrics`` and
     ``ngkit eval --metric``.
 
-    :param register: call ``register(name, factory)``.
+    :param register: call ``register(name, factory)``; the factory gets no context arguments:
+        each :class:`ngkit.components.EvalBatch` carries the images and the ``latent`` spec.
     """
 
 
@@ -161,4 +179,15 @@ def on_train_end(run: RunInfo, summary: dict[str, Any]) -> None:
 
     :param run: the run.
     :param summary: final held-out metrics and run facts.
+    """
+
+
+@hookspec
+def register_commands(cli: typer.Typer) -> None:
+    """Add sub-commands to ``ngkit``: ``@cli.command()`` or ``cli.add_typer(...)``. Called once
+    per ``ngkit`` invocation, before the command line is parsed, for third-party plugins only;
+    keep heavy imports inside the command functions so ``ngkit --help`` stays fast. A command
+    name ngkit already has, or a hook that raises, is left out with a warning.
+
+    :param cli: the ``ngkit`` Typer application.
     """

@@ -16,6 +16,7 @@ from rich.markup import escape
 from ngkit import __version__
 from ngkit.cli import compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, recipes_cmd, run_cmd, weights_cmd
 from ngkit.errors import NgkitError, RunStopped
+from ngkit.plugins import add_plugin_commands
 
 app = typer.Typer(
     name="ngkit",
@@ -35,6 +36,7 @@ app.command("encode")(encode_cmd.encode_command)
 
 err = Console(stderr=True)
 DEBUG = {"on": False}
+PLUGIN_COMMANDS = {"added": False}  # once per process, however often main() runs
 
 
 def _version(value: bool) -> None:
@@ -72,6 +74,10 @@ def launcher_args(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = launcher_args(sys.argv[1:] if argv is None else list(argv))
+    if not PLUGIN_COMMANDS["added"]:
+        PLUGIN_COMMANDS["added"] = True
+        for warning in add_plugin_commands(app):
+            err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     try:
         code = app(args=argv, standalone_mode=False)  # click returns the code of a typer.Exit
     except RunStopped as exc:
@@ -91,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # typer bundles its own click (typer._click), so test for the interface, not the class
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
         raise

@@ -67,6 +67,10 @@ def build(recipe: Recipe, dataset: ImageDataset | None = None) -> Built:
 
 
 def build_metrics(names: list[str], options: dict[str, dict[str, Any]]) -> dict[str, Metric]:
+    """Fresh metrics from ``[eval.options.<name>]``. Metrics get no context arguments
+    (:data:`ngkit.binding.CONTEXT_BY_KIND`; one asking for any is refused when the recipe is
+    validated): each :class:`~ngkit.components.EvalBatch` carries the images and the latent spec,
+    so the same metric serves ``ngkit run`` and ``ngkit eval``."""
     return {
         name: build_component("metrics", {"name": name, **options.get(name, {})}, {}, f"eval.metrics.{name}")
         for name in names
