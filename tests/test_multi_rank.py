@@ -76,12 +76,12 @@ def test_slurm_style_processes_find_their_ranks(tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(tomli_w.dumps(tiny(run={"steps": 2, "eval_every": 0, "checkpoint_minutes": 0},
                                          eval={"metrics": ["mse"], "num_images": 8})))
-    port, out = str(free_port()), tmp_path / "run"
+    port, out, builds = str(free_port()), tmp_path / "run", tmp_path / "torch-extensions"
     procs = [
         subprocess.Popen(
             [sys.executable, *ngkit_run(recipe, out)],
             env=clean_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2", SLURM_JOB_ID="77",
-                          SLURM_JOB_NODELIST="localhost", MASTER_PORT=port),
+                          SLURM_JOB_NODELIST="localhost", MASTER_PORT=port, TORCH_EXTENSIONS_DIR=str(builds)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for r in (0, 1)

@@ -177,6 +177,18 @@ def test_clipping_binds_and_is_the_same_at_every_stage(tmp_path, name, clip, val
     assert max_diff(final_params(one_rank(tmp_path, "z3", fsq(3, 16, clip, value, (step,)))), clipped) < TOL
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """accumulate = 2 micro-batches of 8 == one batch of 16 (same images: digits are strided), with
+    AGC binding and one micro-batch's gradient NaN: that whole step is skipped in both."""
+    whole = fsq(0, 16, "agc", 0.01, (3,))
+    split = fsq(0, 8, "agc", 0.01, (3,))
+    split["optim"]["accumulate"] = 2
+    a, b = one_rank(tmp_path, "whole", whole), one_rank(tmp_path, "split", split)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (a, b)]
+    assert [s["skipped_steps"] for s in summaries] == [1, 1] and summaries[1]["global_batch"] == 16
+    assert max_diff(final_params(a), final_params(b)) < TOL
+
+
 def test_eta_is_identical_across_ranks_and_sampling_noise_is_not(two_ranks):
     probes = [read_jsonl(two_ranks / f"probe-{rank}.jsonl") for rank in (0, 1)]
     assert [r["step"] for r in probes[0]] == [1, 2, 3, 4] == [r["step"] for r in probes[1]]
