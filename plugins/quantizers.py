@@ -74,6 +74,10 @@ class VectorQuantizer(Quantizer):
         restart_after: int = 100,
     ) -> None:
         super().__init__()
+        if dim < 1:
+            raise ValueError(f"vq quantizer: dim must be at least 1, got {dim}")
+        if not 0 < decay < 1:
+            raise ValueError(f"vq quantizer: decay must be in (0, 1), got {decay}")
         self.dim = dim
         self.codes = latent.codes
         self.commitment = commitment

@@ -12,14 +12,15 @@ import difflib
 import inspect
 import sys
 import typing
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
 from ngkit.components import CONTEXT_ARGS, Ref
-from ngkit.errors import RecipeError
-from ngkit.plugins import Registry, get_registry
+from ngkit.errors import NgkitError, RecipeError
+from ngkit.plugins import NOUNS, Registration, Registry, get_plugin_manager, get_registry
 
 if typing.TYPE_CHECKING:
     from ngkit.recipe import Recipe
@@ -161,7 +162,53 @@ def build_component(kind: str, table: dict[str, Any], context: dict[str, Any], w
         if param.name in table:
             kwargs[param.name] = _validate(param, table[param.name])
     extra = {k: v for k, v in table.items() if k != "name" and k not in params}
-    return factory(**kwargs, **extra)
+    registration = registry.entries[kind][table["name"]]
+    try:
+        built = factory(**kwargs, **extra)
+    except RecipeError:  # a sub-component's problem, already located
+        raise
+    except Exception as exc:  # the plugin refused its options, or failed: a problem at this key
+        raise RecipeError(where, [f"[{where}] {refusal(registration, exc)}"]) from exc
+    _remember(built, where, registration)
+    return built
+
+
+def plugin_label(plugin: str) -> str:
+    """``plugin conv_decoder (ngkit 0.1.0)``: the entry point and the package that ships it."""
+    info = get_plugin_manager().info.get(plugin)
+    return f"plugin {plugin} ({info.package} {info.version})" if info else f"plugin {plugin}"
+
+
+def component_label(registration: Registration) -> str:
+    """``decoder "conv" (plugin conv_decoder (ngkit 0.1.0))``."""
+    return f'{NOUNS[registration.kind]} "{registration.name}" ({plugin_label(registration.plugin)})'
+
+
+def refusal(registration: Registration, exc: Exception) -> str:
+    """What a factory's exception means for the recipe, naming who raised it."""
+    what = str(exc) if isinstance(exc, NgkitError) else f"{type(exc).__name__}: {exc}"
+    return f"{component_label(registration)} could not be built: {what}"
+
+
+# Every built component, so that an exception inside its code can be traced back to the recipe
+# key that built it (ngkit.cli.main). Weak references: nothing is kept alive by being listed.
+_BUILT: dict[int, tuple[weakref.ref, str, Registration]] = {}
+
+
+def _remember(obj: Any, where: str, registration: Registration) -> None:
+    try:
+        ref = weakref.ref(obj, lambda _, key=id(obj): _BUILT.pop(key, None))
+    except TypeError:  # not weak-referenceable (e.g. a plain function): not traceable
+        return
+    _BUILT[id(obj)] = (ref, where, registration)
+
+
+def built_at(obj: Any) -> tuple[str, Registration] | None:
+    """The recipe key and registration that built ``obj``, if a recipe built it."""
+    entry = _BUILT.get(id(obj))
+    if entry is None or entry[0]() is not obj:
+        return None
+    return entry[1], entry[2]
 
 
 def component_tables(recipe: Recipe) -> list[tuple[str, dict[str, Any], str]]:
