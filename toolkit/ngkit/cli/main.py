@@ -9,6 +9,7 @@ Unknown options are usage errors (exit 2). Any other exception is an ngkit bug: 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from types import ModuleType, TracebackType
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_usage_error(exc):  # they carry their own exit code (2)
             exc.show()
             return exc.exit_code
-        message = plugin_error(exc, " ".join(sys.argv[1:] if argv is None else argv))
+        message = plugin_error(exc, shlex.join(sys.argv[1:] if argv is None else argv))
         if message is None:  # not from a plugin: an ngkit bug, whose traceback is the report
             raise
         if DEBUG["on"]:
