@@ -213,28 +213,45 @@ def built_at(obj: Any) -> tuple[str, Registration] | None:
 
 def component_tables(recipe: Recipe) -> list[tuple[str, dict[str, Any], str]]:
     """(kind, table, dotted key) for every component a recipe names."""
-    data = recipe.data.model_dump()
-    data.pop("batch_size")
-    data.pop("workers")
-    tables = [
-        ("datasets", data, "data"),
-        ("encoders", recipe.model.encoder.model_dump(), "model.encoder"),
-        ("decoders", recipe.model.decoder.model_dump(), "model.decoder"),
-        ("methods", recipe.method.model_dump(), "method"),
-        ("beta_schedules", recipe.schedule.beta.model_dump(), "schedule.beta"),
-    ]
-    for metric in recipe.eval.metrics:
-        options = recipe.eval.options.get(metric, {})
-        tables.append(("metrics", {"name": metric, **options}, f"eval.metrics.{metric}"))
-    unused = set(recipe.eval.options) - set(recipe.eval.metrics)
-    for metric in sorted(unused):
-        tables.append(("metrics", {"name": metric, **recipe.eval.options[metric]}, f"eval.options.{metric}"))
+    return tables_of(recipe.model_dump())
+
+
+def tables_of(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """:func:`component_tables` of a recipe as plain data, validated or not: tables that are
+    missing or not tables are left out (the schema reports them)."""
+
+    def table(*path: str) -> Any:
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    tables = []
+    for kind, path in (("datasets", ("data",)), ("encoders", ("model", "encoder")), ("decoders", ("model", "decoder")),
+                       ("methods", ("method",)), ("beta_schedules", ("schedule", "beta"))):
+        found = table(*path)
+        if isinstance(found, dict):
+            if kind == "datasets":  # the DataLoader's keys, not the dataset plugin's
+                found = {k: v for k, v in found.items() if k not in ("batch_size", "workers")}
+            tables.append((kind, found, ".".join(path)))
+    metrics, options = table("eval", "metrics"), table("eval", "options")
+    metrics = [m for m in metrics if isinstance(m, str)] if isinstance(metrics, list) else []
+    options = options if isinstance(options, dict) else {}
+    for metric in metrics:
+        extra = options.get(metric, {})
+        tables.append(("metrics", {"name": metric, **(extra if isinstance(extra, dict) else {})}, f"eval.metrics.{metric}"))
+    for metric in sorted(set(options) - set(metrics)):
+        if isinstance(options[metric], dict):
+            tables.append(("metrics", {"name": metric, **options[metric]}, f"eval.options.{metric}"))
     return tables
 
 
-def check_recipe_components(recipe: Recipe) -> list[str]:
+def check_recipe_components(data: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """Problems of every component table of a recipe (as plain data), except tables under the
+    dotted keys in ``skip`` (the schema already reported a problem there)."""
     registry = get_registry()
     problems: list[str] = []
-    for kind, table, where in component_tables(recipe):
-        problems += check_component(kind, table, where, registry)
+    for kind, table, where in tables_of(data):
+        if not any(where == key or where.startswith(key + ".") or key == where + ".name" for key in skip):
+            problems += check_component(kind, table, where, registry)
     return problems

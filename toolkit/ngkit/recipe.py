@@ -241,13 +241,15 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     """Validate the schema and every component's options; raise one RecipeError with all problems."""
+    from ngkit.binding import check_recipe_components
+
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(source, _format_errors(exc, raw)) from None
-    from ngkit.binding import check_recipe_components
-
-    problems = check_recipe_components(recipe)
+        located = tuple(".".join(str(p) for p in err["loc"]) for err in exc.errors())
+        problems = _format_errors(exc, raw) + check_recipe_components(raw, skip=located)
+        raise RecipeError(source, problems) from None
+    problems = check_recipe_components(recipe.model_dump())
     for label, partial in recipe.compare.variants.items():
         try:
             parse_recipe(variant_raw(raw, partial), f"{source} [compare.variants.{label}]")
