@@ -105,13 +105,17 @@ def build(recipe: Recipe, dataset: ImageDataset | None = None, source: str = "re
 def dry_build(recipe: Recipe, source: str = "recipe") -> None:
     """Everything :func:`build` and evaluation build, with the models on the meta device.
 
-    A failure on meta is repeated on the CPU, so a plugin that cannot be built on meta (one that
-    reads a tensor's value in its constructor) is judged by what ``ngkit run`` would do."""
+    A failure that mentions the meta device is repeated on the CPU, so a plugin that cannot be
+    built on meta (one that reads a tensor's value in its constructor) is judged by what
+    ``ngkit run`` would do. Other failures are not: their CPU build could need the memory that
+    the meta device spares (a typo of ``codes = 10**9``)."""
     dataset = build_dataset(recipe, source)
     try:
         with torch.device("meta"):
             build(recipe, dataset, source)
-    except RecipeError:
+    except RecipeError as exc:
+        if not any("meta" in problem.lower() for problem in exc.problems):
+            raise
         build(recipe, dataset, source)
     try:
         build_metrics(recipe.eval.metrics, recipe.eval.options)
