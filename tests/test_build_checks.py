@@ -115,6 +115,14 @@ def test_encoder_logits_shape_is_checked_at_build(capsys, recipe):
     assert "log_prob(x, z).logits has shape [2, 16, 15], expected [2, 16, 16]" in err
 
 
+def test_a_plugin_that_cannot_build_on_meta_is_judged_on_the_cpu(capsys, recipe):
+    with temporary_plugin(broken_plugins, "broken_plugins"):
+        code, err = validate(capsys, recipe, 'model.decoder={name="value-reading-decoder"}')
+        assert code == 0, err
+        code, err = validate(capsys, recipe, 'model.decoder={name="value-reading-decoder", width=0}')
+    assert code == 1 and "width must be at least 1" in err
+
+
 def test_exception_in_plugin_forward_names_plugin_package_and_key(capsys, recipe, tmp_path):
     with temporary_plugin(broken_plugins, "broken_plugins"):
         args = ["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet", "--set", 'model.decoder.name="exploding-decoder"']
