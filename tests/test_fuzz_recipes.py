@@ -2,7 +2,7 @@
 traceback from ``ngkit recipes validate`` (parse, bind and build on the meta device), run in
 process through ``ngkit.cli.main.main``.
 
-Each property tries ``NGKIT_FUZZ_EXAMPLES`` inputs (default 40, about a minute each on two busy
+Each property tries ``NGKIT_FUZZ_EXAMPLES`` inputs (default 100, under a minute each on two busy
 cores); docs/reliability.md gives the figures of a longer run. Integers stay below 1001 where a
 mutation puts them, because a layer count of 2**31 is a valid recipe that takes forever to build.
 """
@@ -29,7 +29,7 @@ from ngkit.components import CONTEXT_ARGS
 from ngkit.plugins import get_registry
 from tiny_recipe import tiny
 
-EXAMPLES = int(os.environ.get("NGKIT_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("NGKIT_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],

@@ -46,8 +46,8 @@ def latent_for(image: ImageSpec, codes: int, patch_size: int, source: str = "rec
 def check_device(recipe: Recipe, cuda: bool) -> list[str]:
     """Problems of ``[run] device`` and ``[distributed]`` on a machine with or without a CUDA GPU.
 
-    What works: fp32 on CPU and CUDA; bf16 and fp16 on CUDA only (DeepSpeed's CPU accelerator
-    has no fp16, and its bf16 leaves inputs and weights in different dtypes); nccl on CUDA only."""
+    fp32 runs on CPU and CUDA; bf16 and fp16 need CUDA (DeepSpeed's CPU accelerator has no fp16,
+    and under its bf16 the first layer meets float32 inputs with bfloat16 weights); so does nccl."""
     device, dist = recipe.run.device, recipe.distributed
     if device == "cuda" and not cuda:
         return ['[run.device] "cuda", but torch sees no CUDA GPU on this machine; use "auto" (a GPU when '
