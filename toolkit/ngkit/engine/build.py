@@ -7,13 +7,15 @@ validation error. Both check the encoder's and decoder's output shapes with one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ngkit.binding import build_component, built_at, component_label, component_tables
+from ngkit.binding import build_component, component_label, component_tables
+from ngkit.plugins import get_registry
 from ngkit.components import BetaSchedule, ImageDataset, ImageSpec, LatentSpec, Method, Metric
 from ngkit.errors import RecipeError
 from ngkit.recipe import Recipe
@@ -88,10 +90,12 @@ def build(recipe: Recipe, dataset: ImageDataset | None = None, source: str = "re
             context[where.split(".")[1]] = build_component(kind, table, context, where)
         except RecipeError as exc:
             problems += exc.problems
-    if "encoder" in context:
-        problems += check_encoder(context["encoder"], image, latent)
-    if "decoder" in context:
-        problems += check_decoder(context["decoder"], image, latent)
+    registry = get_registry()
+    for name, check in (("encoder", check_encoder), ("decoder", check_decoder)):
+        if name in context:
+            kind, table = tables[f"model.{name}"]
+            who = component_label(registry.entries[kind][table["name"]])
+            problems += check(context[name], image, latent, f"model.{name}", who)
     if problems:
         raise RecipeError(source, problems)
     kind, table = tables["method"]
@@ -130,15 +134,6 @@ def build_metrics(names: list[str], options: dict[str, dict[str, Any]]) -> dict[
     }
 
 
-def _who(module: nn.Module, fallback: str) -> tuple[str, str]:
-    """(recipe key, "encoder "x" (plugin p (package v))") of a built component."""
-    found = built_at(module)
-    if found is None:
-        return fallback, f"{fallback.split('.')[-1]} {type(module).__name__}"
-    where, registration = found
-    return where, component_label(registration)
-
-
 def _dummy(image: ImageSpec, latent: LatentSpec) -> tuple[Tensor, Tensor]:
     """A batch of mid-grey images and all-zero codes, on the default device (meta under
     :func:`dry_build`)."""
@@ -153,7 +148,7 @@ def _shape_problem(where: str, who: str, what: str, want: tuple[int, ...], got: 
     return [f"[{where}] {who}: {what} has shape {list(got.shape)}, expected {list(want)}"]
 
 
-def _run_check(module: nn.Module, where: str, who: str, check: Any) -> list[str]:
+def _run_check(module: nn.Module, where: str, who: str, check: Callable[[], list[str]]) -> list[str]:
     """``check()`` in eval mode without gradients or touching the random state; an exception
     is a problem at ``where``."""
     was_training = module.training
@@ -167,10 +162,10 @@ def _run_check(module: nn.Module, where: str, who: str, check: Any) -> list[str]
         module.train(was_training)
 
 
-def check_encoder(encoder: nn.Module, image: ImageSpec, latent: LatentSpec) -> list[str]:
+def check_encoder(encoder: nn.Module, image: ImageSpec, latent: LatentSpec, where: str, who: str) -> list[str]:
     """Teacher-forced ``log_prob`` of a dummy batch: logits ``[B, L, V]`` and ``logq [B]``. An
-    encoder without ``log_prob`` (features only, for VQ-VAE/FSQ) is not checked."""
-    where, who = _who(encoder, "model.encoder")
+    encoder without ``log_prob`` (features only, for VQ-VAE/FSQ) is not checked. ``where`` and
+    ``who`` (the recipe key and the component) locate the problems."""
     b, tokens, codes = CHECK_BATCH, latent.tokens, latent.codes
 
     def check() -> list[str]:
@@ -186,10 +181,9 @@ def check_encoder(encoder: nn.Module, image: ImageSpec, latent: LatentSpec) -> l
     return _run_check(encoder, where, who, check)
 
 
-def check_decoder(decoder: nn.Module, image: ImageSpec, latent: LatentSpec) -> list[str]:
+def check_decoder(decoder: nn.Module, image: ImageSpec, latent: LatentSpec, where: str, who: str) -> list[str]:
     """``embed`` -> ``forward`` -> ``mean`` and ``log_prob`` on a dummy batch: embeddings
     ``[B, L, embed_dim]``, a reconstruction ``[B, C, H, W]`` and one log-likelihood per image."""
-    where, who = _who(decoder, "model.decoder")
     b = CHECK_BATCH
 
     def check() -> list[str]:
