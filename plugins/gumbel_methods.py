@@ -132,6 +132,8 @@ class GumbelRao(GumbelSoftmax):
             hard=True,
             kl_weight=kl_weight,
         )
+        if rao_samples < 1:
+            raise ValueError(f"gr-mck: rao_samples must be at least 1, got {rao_samples}")
         self.rao_samples = rao_samples
 
     def relax(self, x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

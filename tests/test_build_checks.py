@@ -40,6 +40,7 @@ def validate(capsys: pytest.CaptureFixture, recipe: Path, *sets: str) -> tuple[i
 REFUSED = [
     ("encoder width 0", ["model.encoder.width=0"], ['[model.encoder] encoder "transformer"', PLUGIN, "width must be at least 1"]),
     ("encoder depth 0", ["model.encoder.depth=0"], ["[model.encoder]", PLUGIN, "depth must be at least 1, got 0"]),
+    ("encoder heads 0", ["model.encoder.heads=0"], ["[model.encoder]", PLUGIN, "heads must be at least 1, got 0"]),
     ("res_blocks -1", ["model.decoder.res_blocks=-1"],
      ['[model.decoder] decoder "conv" (plugin conv_decoder (ngkit 0.1.0))', "res_blocks must be at least 0, got -1"]),
     ("head_init_scale inf", ["model.encoder.head_init_scale=inf"], ["[model.encoder]", "head_init_scale", "got inf"]),
@@ -75,7 +76,7 @@ def test_validate_reports_every_component_problem_at_once(capsys, recipe):
 
 
 def test_validate_builds_nothing_it_does_not_need(capsys, recipe):
-    """The models are built on the meta device: a model of 10^10 parameters validates at once."""
+    """The models are built on the meta device: a model of 10^13 parameters validates at once."""
     code, err = validate(capsys, recipe, "model.encoder.width=65536", "model.encoder.depth=200")
     assert code == 0, err
 
