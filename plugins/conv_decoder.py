@@ -57,8 +57,11 @@ class ConvDecoder(CodeTableDecoder):
         super().__init__()
         if likelihood not in ("gaussian", "fixed"):
             raise ValueError(f'conv decoder: likelihood must be "gaussian" or "fixed", got "{likelihood}"')
-        if fixed_std <= 0:
-            raise ValueError(f"conv decoder: fixed_std must be positive, got {fixed_std}")
+        if not (fixed_std > 0 and math.isfinite(fixed_std)):
+            raise ValueError(f"conv decoder: fixed_std must be a positive finite number, got {fixed_std}")
+        for option, value, least in (("width", width, 1), ("embed_dim", embed_dim, 1), ("res_blocks", res_blocks, 0)):
+            if value < least:
+                raise ValueError(f"conv decoder: {option} must be at least {least}, got {value}")
         upsamples = _upsamples(image, latent)
         self.image, self.latent = image, latent
         self.embed_dim = embed_dim

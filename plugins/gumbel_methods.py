@@ -75,6 +75,10 @@ class GumbelSoftmax(CategoricalVAE):
         kl_weight: float | None = None,
     ) -> None:
         super().__init__(encoder, decoder)
+        if not (temperature_start > 0 and temperature_end > 0):
+            raise ValueError(
+                f"gumbel: temperature_start and temperature_end must be > 0, got {temperature_start}, {temperature_end}"
+            )
         self.beta = beta
         self.total_steps = total_steps
         self.temperature_start = temperature_start
@@ -128,6 +132,8 @@ class GumbelRao(GumbelSoftmax):
             hard=True,
             kl_weight=kl_weight,
         )
+        if rao_samples < 1:
+            raise ValueError(f"gr-mck: rao_samples must be at least 1, got {rao_samples}")
         self.rao_samples = rao_samples
 
     def relax(self, x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

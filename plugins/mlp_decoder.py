@@ -30,6 +30,9 @@ class MlpDecoder(CodeTableDecoder):
         code_digits: int = 1,
     ) -> None:
         super().__init__()
+        for option, value, least in (("hidden", hidden, 1), ("layers", layers, 0), ("embed_dim", embed_dim, 1)):
+            if value < least:
+                raise ValueError(f"mlp decoder: {option} must be at least {least}, got {value}")
         self.image = image
         self.embed_dim = embed_dim
         self.embedding = CodeEmbedding(latent.codes, embed_dim, code_digits)

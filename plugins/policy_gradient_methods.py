@@ -152,6 +152,8 @@ class PPO(CategoricalVAE):
         super().__init__(encoder, decoder)
         if samples < 1 or epochs < 1:
             raise ValueError(f"ppo: samples = {samples} and epochs = {epochs} must both be at least 1")
+        if not (clip > 0 and kl_target > 0 and kl_coef > 0):
+            raise ValueError(f"ppo: clip, kl_target and kl_coef must be > 0, got {clip}, {kl_target}, {kl_coef}")
         self.beta = beta
         self.samples = samples
         self.clip = clip

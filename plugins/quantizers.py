@@ -74,6 +74,14 @@ class VectorQuantizer(Quantizer):
         restart_after: int = 100,
     ) -> None:
         super().__init__()
+        if dim < 1:
+            raise ValueError(f"vq quantizer: dim must be at least 1, got {dim}")
+        if not 0 < decay < 1:
+            raise ValueError(f"vq quantizer: decay must be in (0, 1), got {decay}")
+        if not (commitment >= 0 and restart_after >= 1):
+            raise ValueError(
+                f"vq quantizer: commitment must be >= 0 and restart_after >= 1, got {commitment}, {restart_after}"
+            )
         self.dim = dim
         self.codes = latent.codes
         self.commitment = commitment

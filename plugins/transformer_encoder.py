@@ -19,6 +19,7 @@ gathers it even when the core calls ``sample`` or ``log_prob`` rather than ``for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -52,8 +53,7 @@ class TransformerEncoder(Encoder):
     ) -> None:
         super().__init__()
         patch = _patch_size(image, latent)
-        if width % heads:
-            raise ValueError(f"transformer encoder: width {width} must be divisible by heads {heads}")
+        _check_options(width, depth, heads, mlp_ratio, latent_depth, factorised, dropout, head_init_scale)
         self.latent = latent
         self.autoregressive = not factorised
         self.feature_dim = width
@@ -385,6 +385,29 @@ def _gumbel_softmax(logp: Tensor, temperature: float, hard: bool) -> Tensor:
         return soft
     one_hot = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
     return one_hot + (soft - soft.detach())
+
+
+def _check_options(
+    width: int, depth: int, heads: int, mlp_ratio: float, latent_depth: int, factorised: bool,
+    dropout: float, head_init_scale: float,
+) -> None:
+    """A ValueError naming the first option that cannot make a working encoder."""
+    minimum = 0 if factorised else 1  # an autoregressive head sees the image only through these
+    checks = [
+        (width >= 1, f"width must be at least 1, got {width}"),
+        (depth >= 1, f"depth must be at least 1, got {depth}"),
+        (heads >= 1, f"heads must be at least 1, got {heads}"),
+        (width % max(heads, 1) == 0, f"width {width} must be divisible by heads {heads}"),
+        (mlp_ratio > 0 and math.isfinite(mlp_ratio), f"mlp_ratio must be a positive number, got {mlp_ratio}"),
+        (latent_depth >= minimum,
+         f"latent_depth must be at least {minimum} {'(factorised)' if factorised else '(autoregressive)'}, got {latent_depth}"),
+        (0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}"),
+        (head_init_scale > 0 and math.isfinite(head_init_scale),
+         f"head_init_scale must be a positive finite number, got {head_init_scale}"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise ValueError(f"transformer encoder: {problem}")
 
 
 def _patch_size(image: ImageSpec, latent: LatentSpec) -> tuple[int, int]:

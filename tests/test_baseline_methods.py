@@ -13,6 +13,7 @@ from toy_models import ToyDecoder, ToyEncoder
 
 from ngkit.binding import build_component
 from ngkit.components import ImageSpec, LatentSpec, Method
+from ngkit.errors import RecipeError
 from ngkit_plugins.quantizers import FiniteScalarQuantizer, VectorQuantizer
 
 IMAGE = ImageSpec(1, 4, 4)
@@ -59,7 +60,7 @@ def dataset() -> torch.Tensor:
 def test_fsq_and_vqvae_default_to_their_quantizers() -> None:
     assert isinstance(make("vqvae", {}).quantizer, VectorQuantizer)
     assert isinstance(make("fsq", {}, LatentSpec((1, 2), 1000)).quantizer, FiniteScalarQuantizer)  # [8,5,5,5]
-    with pytest.raises(ValueError, match="product is 8"):
+    with pytest.raises(RecipeError, match="product is 8"):
         make("fsq", {})
 
 

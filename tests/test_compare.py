@@ -66,5 +66,9 @@ def test_compare_by_seconds_calibrates_steps(tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", str(recipe), "--methods", "daps-na", "--seconds", "1", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["steps"]["daps-na"] >= 1 and "1 s of training" in data["budget"]
+    # the budget is the seconds divided by the calibration run's time per step (10 steps)
+    calibration = json.loads((out / "calibration" / "daps-na" / "summary.json").read_text())
+    assert calibration["step"] == 10
+    assert data["steps"]["daps-na"] == max(1, int(1 / (calibration["train_seconds"] / 10)))
+    assert "1 s of training" in data["budget"]
     assert data["runs"][0]["step"] == data["steps"]["daps-na"]

@@ -47,11 +47,61 @@ def test_error_message(tmp_path, label, text, expected):
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    text = QUICKSTART.replace("seed = 0", "sede = 0").replace("heads = 4", "hedas = 4")
+    """Schema problems and component-option problems together, each exactly once."""
+    text = (
+        QUICKSTART.replace("seed = 0", "sede = 0")
+        .replace("heads = 4", "hedas = 4")
+        .replace("steps = 600", "steps = -1")
+        .replace('name = "kl"', 'name = "kll"')
+    )
     with pytest.raises(RecipeError) as info:
         load_recipe(write(tmp_path, text))
-    # the schema problem is reported first; component options are checked once the schema holds
-    assert len(info.value.problems) >= 1 and "sede" in str(info.value)
+    keys = sorted(p.split("]")[0] + "]" for p in info.value.problems)
+    assert keys == ["[method.step_size]", "[model.encoder.hedas]", "[run.sede]", "[run.steps]"], info.value.problems
+
+
+def test_a_table_the_schema_refuses_is_not_checked_twice(tmp_path):
+    text = QUICKSTART.replace('name = "transformer"\n', "")  # [model.encoder] without a name
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text))
+    assert info.value.problems == ["[model.encoder.name] is required but missing"]
+
+
+UNREADABLE = [
+    ("not UTF-8", lambda p: p.write_bytes(b"\xff\xfe[run]\n"), "not UTF-8 text"),
+    ("a directory", lambda p: p.mkdir(), "is a directory"),
+    ("nested too deeply", lambda p: p.write_text("a = " + "[" * 2000 + "]" * 2000), "nested more than"),
+    ("deep tables", lambda p: p.write_text("[" + ".".join(["t"] * 40) + "]\nx = 1\n"), "nested more than"),
+]
+
+
+@pytest.mark.parametrize("label, make, expected", UNREADABLE, ids=[c[0] for c in UNREADABLE])
+def test_unreadable_recipe_file_is_one_message(tmp_path, capsys, label, make, expected):
+    path = tmp_path / "r.toml"
+    make(path)
+    assert main(["recipes", "validate", str(path)]) == 1
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(expected) == 2 and "Traceback" not in err
+
+
+BAD_SETS = [
+    ("no value", "run.steps", "expected dotted.key=value"),
+    ("empty key part", "run..steps=3", "expected dotted.key=value"),
+    ("not a table", "run.steps.x=3", "[steps] is not a table"),
+    ("nested too deeply", "run.steps=" + "[" * 500 + "]" * 500, "nested more than"),
+    ("inf where a number is needed", "optim.lr=inf", "[optim.lr]"),
+    ("wrong type", 'run.steps="many"', "[run.steps]"),
+    ("a section replaced by a number", "model=3", "[model]"),
+]
+
+
+@pytest.mark.parametrize("label, value, expected", BAD_SETS, ids=[c[0] for c in BAD_SETS])
+def test_bad_set_value_is_one_message(tmp_path, capsys, label, value, expected):
+    path = write(tmp_path, QUICKSTART)
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--set", value]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("label, text, expected", CASES, ids=[c[0] for c in CASES])

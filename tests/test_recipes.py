@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ngkit.binding import component_tables
+from ngkit.cli.main import main
 from ngkit.plugins import get_registry
 from ngkit.recipe import load_recipe
 
@@ -38,3 +39,11 @@ def test_recipe_validates_and_names_registered_components(path: Path):
     registry = get_registry()
     for kind, table, _ in component_tables(recipe):
         assert table["name"] in registry.names(kind)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_builds_in_recipes_validate(path: Path, trusted, capsys):
+    """Every component built (on the meta device) and shape-checked, as `ngkit run` would; GPU
+    recipes checked as for a machine with a GPU."""
+    gpu = ["--gpu"] if load_recipe(path).distributed.precision != "fp32" else []
+    assert main(["recipes", "validate", *gpu, str(path)]) == 0, capsys.readouterr().err

@@ -12,14 +12,15 @@ import difflib
 import inspect
 import sys
 import typing
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
 from ngkit.components import CONTEXT_ARGS, Ref
-from ngkit.errors import RecipeError
-from ngkit.plugins import NOUNS, Registry, get_registry
+from ngkit.errors import NgkitError, RecipeError
+from ngkit.plugins import NOUNS, Registration, Registry, get_plugin_manager, get_registry
 
 if typing.TYPE_CHECKING:
     from ngkit.recipe import Recipe
@@ -193,33 +194,96 @@ def build_component(kind: str, table: dict[str, Any], context: dict[str, Any], w
         if param.name in table:
             kwargs[param.name] = _validate(param, table[param.name])
     extra = {k: v for k, v in table.items() if k != "name" and k not in params}
-    return factory(**kwargs, **extra)
+    registration = registry.entries[kind][table["name"]]
+    try:
+        built = factory(**kwargs, **extra)
+    except RecipeError:  # a sub-component's problem, already located
+        raise
+    except Exception as exc:  # the plugin refused its options, or failed: a problem at this key
+        raise RecipeError(where, [f"[{where}] {refusal(registration, exc)}"]) from exc
+    _remember(built, where, registration)
+    return built
+
+
+def plugin_label(plugin: str) -> str:
+    """``plugin conv_decoder (ngkit 0.1.0)``: the entry point and the package that ships it."""
+    info = get_plugin_manager().info.get(plugin)
+    return f"plugin {plugin} ({info.package} {info.version})" if info else f"plugin {plugin}"
+
+
+def component_label(registration: Registration) -> str:
+    """``decoder "conv" (plugin conv_decoder (ngkit 0.1.0))``."""
+    return f'{NOUNS[registration.kind]} "{registration.name}" ({plugin_label(registration.plugin)})'
+
+
+def refusal(registration: Registration, exc: Exception) -> str:
+    """What a factory's exception means for the recipe, naming who raised it."""
+    what = str(exc) if isinstance(exc, NgkitError) else f"{type(exc).__name__}: {exc}"
+    return f"{component_label(registration)} could not be built: {what}"
+
+
+# Every built component, so that an exception inside its code can be traced back to the recipe
+# key that built it (ngkit.cli.main). Weak references: nothing is kept alive by being listed.
+_BUILT: dict[int, tuple[weakref.ref, str, Registration]] = {}
+
+
+def _remember(obj: Any, where: str, registration: Registration) -> None:
+    try:
+        ref = weakref.ref(obj, lambda _, key=id(obj): _BUILT.pop(key, None))
+    except TypeError:  # not weak-referenceable (e.g. a plain function): not traceable
+        return
+    _BUILT[id(obj)] = (ref, where, registration)
+
+
+def built_at(obj: Any) -> tuple[str, Registration] | None:
+    """The recipe key and registration that built ``obj``, if a recipe built it."""
+    entry = _BUILT.get(id(obj))
+    if entry is None or entry[0]() is not obj:
+        return None
+    return entry[1], entry[2]
 
 
 def component_tables(recipe: Recipe) -> list[tuple[str, dict[str, Any], str]]:
     """(kind, table, dotted key) for every component a recipe names."""
-    data = recipe.data.model_dump()
-    for core_key in ("batch_size", "workers", "max_unreadable"):  # the core's, not the dataset's
-        data.pop(core_key)
-    tables = [
-        ("datasets", data, "data"),
-        ("encoders", recipe.model.encoder.model_dump(), "model.encoder"),
-        ("decoders", recipe.model.decoder.model_dump(), "model.decoder"),
-        ("methods", recipe.method.model_dump(), "method"),
-        ("beta_schedules", recipe.schedule.beta.model_dump(), "schedule.beta"),
-    ]
-    for metric in recipe.eval.metrics:
-        options = recipe.eval.options.get(metric, {})
-        tables.append(("metrics", {"name": metric, **options}, f"eval.metrics.{metric}"))
-    unused = set(recipe.eval.options) - set(recipe.eval.metrics)
-    for metric in sorted(unused):
-        tables.append(("metrics", {"name": metric, **recipe.eval.options[metric]}, f"eval.options.{metric}"))
+    return tables_of(recipe.model_dump())
+
+
+def tables_of(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """:func:`component_tables` of a recipe as plain data, validated or not: tables that are
+    missing or not tables are left out (the schema reports them)."""
+
+    def table(*path: str) -> Any:
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    tables = []
+    for kind, path in (("datasets", ("data",)), ("encoders", ("model", "encoder")), ("decoders", ("model", "decoder")),
+                       ("methods", ("method",)), ("beta_schedules", ("schedule", "beta"))):
+        found = table(*path)
+        if isinstance(found, dict):
+            if kind == "datasets":  # the core's data keys, not the dataset plugin's
+                found = {k: v for k, v in found.items() if k not in ("batch_size", "workers", "max_unreadable")}
+            tables.append((kind, found, ".".join(path)))
+    metrics, options = table("eval", "metrics"), table("eval", "options")
+    metrics = [m for m in metrics if isinstance(m, str)] if isinstance(metrics, list) else []
+    options = options if isinstance(options, dict) else {}
+    for metric in metrics:
+        extra = options.get(metric, {})
+        tables.append(("metrics", {"name": metric, **(extra if isinstance(extra, dict) else {})}, f"eval.metrics.{metric}"))
+    for metric in sorted(set(options) - set(metrics)):
+        if isinstance(options[metric], dict):
+            tables.append(("metrics", {"name": metric, **options[metric]}, f"eval.options.{metric}"))
     return tables
 
 
-def check_recipe_components(recipe: Recipe) -> list[str]:
+def check_recipe_components(data: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """Problems of every component table of a recipe (as plain data), except tables under the
+    dotted keys in ``skip`` (the schema already reported a problem there)."""
     registry = get_registry()
     problems: list[str] = []
-    for kind, table, where in component_tables(recipe):
-        problems += check_component(kind, table, where, registry)
+    for kind, table, where in tables_of(data):
+        if not any(where == key or where.startswith(key + ".") or key == where + ".name" for key in skip):
+            problems += check_component(kind, table, where, registry)
     return problems

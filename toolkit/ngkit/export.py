@@ -189,7 +189,9 @@ def write_export(snap: Snapshot, out: Path) -> None:
     from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
-    data = save(snap.state, metadata={"format": "pt", "ngkit_format": FORMAT})
+    # One metadata key: safetensors keeps metadata in a Rust HashMap, whose order (so the bytes)
+    # changes from process to process with two or more keys. The format is named in config.json.
+    data = save(snap.state, metadata={"format": "pt"})
     tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
     tmp.write_bytes(data)
     os.replace(tmp, out / WEIGHTS)

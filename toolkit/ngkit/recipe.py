@@ -32,7 +32,8 @@ class Component(BaseModel):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are valid TOML but no setting of ngkit's own means them
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSection(Component):
@@ -165,10 +166,36 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
     return problems
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value as TOML (numbers, booleans, arrays, inline tables), else a string."""
+# Deepest nesting of tables and arrays a recipe may have; real recipes use 4 ([compare.variants.x.method]
+# with an inline table). Far below the depth at which the TOML parser runs out of stack.
+MAX_DEPTH = 16
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _loads(text: str) -> dict[str, Any]:
+    """``tomllib.loads`` that also refuses nesting deeper than :data:`MAX_DEPTH` (a ValueError)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        data = tomllib.loads(text)
+    except RecursionError:
+        data = None
+    if data is None or _depth(data) > MAX_DEPTH:
+        raise ValueError(f"tables or arrays nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as TOML (numbers, booleans, arrays, inline tables), else a string.
+
+    Raises ValueError for values nested too deeply."""
+    try:
+        return _loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
@@ -179,18 +206,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
     problems = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or not all(parts):
             problems.append(f"--set {item!r}: expected dotted.key=value, e.g. run.steps=100")
             continue
+        try:
+            parsed = parse_value(value.strip())
+        except ValueError as exc:
+            problems.append(f"--set {item!r}: {exc}")
+            continue
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 problems.append(f"--set {item!r}: [{part}] is not a table")
                 break
         else:
-            node[parts[-1]] = parse_value(value.strip())
+            node[parts[-1]] = parsed
     if problems:
         raise RecipeError(source, problems)
     return out
@@ -198,24 +230,36 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(str(path), ["file not found; list shipped recipes with 'ngkit recipes list'"])
+        raise RecipeError(str(path), ["file not found; list shipped recipes with 'ngkit recipes list'"]) from None
+    except IsADirectoryError:
+        raise RecipeError(str(path), ["is a directory; give a recipe file (.toml)"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            str(path), [f"not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files must be UTF-8"]
+        ) from None
+    except OSError as exc:
+        raise RecipeError(str(path), [f"cannot be read: {exc.strerror or exc}"]) from None
     try:
-        return tomllib.loads(text)
+        return _loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(str(path), [f"not valid TOML: {exc}"]) from exc
+    except ValueError as exc:
+        raise RecipeError(str(path), [f"not a recipe: {exc}"]) from exc
 
 
 def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     """Validate the schema and every component's options; raise one RecipeError with all problems."""
+    from ngkit.binding import check_recipe_components
+
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(source, _format_errors(exc, raw)) from None
-    from ngkit.binding import check_recipe_components
-
-    problems = check_recipe_components(recipe)
+        located = tuple(".".join(str(p) for p in err["loc"]) for err in exc.errors())
+        problems = _format_errors(exc, raw) + check_recipe_components(raw, skip=located)
+        raise RecipeError(source, problems) from None
+    problems = check_recipe_components(recipe.model_dump())
     for label, partial in recipe.compare.variants.items():
         try:
             parse_recipe(variant_raw(raw, partial), f"{source} [compare.variants.{label}]")

@@ -1,13 +1,17 @@
 """``ngkit`` entry point: sub-commands, and one place that turns bad input into a clear message.
 
 Errors from bad input (:class:`ngkit.errors.NgkitError`) print one message and exit with code 2;
-``ngkit --debug ...`` shows the traceback as well.
+so do exceptions raised inside a plugin's code, reported with the plugin, its package and the
+recipe key of the component that raised. ``ngkit --debug ...`` shows the traceback as well.
+Unknown options are usage errors (exit 2). Any other exception is an ngkit bug: its traceback.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+from types import ModuleType, TracebackType
 
 import typer
 from rich.console import Console
@@ -71,6 +75,69 @@ def launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """click's usage errors, also as typer >= 0.2x vendors them (``typer._click``)."""
+    import click
+
+    vendored = type(exc).__module__.startswith("typer.") and hasattr(exc, "show")
+    return isinstance(exc, click.ClickException) or vendored
+
+
+def _plugin_modules() -> dict[str, str]:
+    """Module name -> entry-point name of every loaded plugin; empty if none could load."""
+    from ngkit.plugins import get_plugin_manager
+
+    try:
+        pm = get_plugin_manager()
+    except NgkitError:
+        return {}
+    return {module.__name__: name for name, module in pm.list_name_plugin() if isinstance(module, ModuleType)}
+
+
+def _in_package_of(module: str, plugin_module: str) -> bool:
+    """``module`` is a plugin's module or a sibling in its package (a helper), ngkit's core aside."""
+    package = plugin_module.rpartition(".")[0]
+    return module == plugin_module or (package not in ("", "ngkit") and module.startswith(package + "."))
+
+
+def plugin_error(exc: BaseException, command: str) -> str | None:
+    """One message for an exception raised in plugin code, or None if no plugin code raised it.
+
+    The innermost traceback frame in a plugin's package says where it happened; the nearest
+    enclosing method of a recipe-built component gives the recipe key and its plugin, else the
+    nearest frame in a plugin's own module gives the plugin."""
+    from ngkit.binding import built_at, plugin_label
+    from ngkit.plugins import NOUNS
+
+    modules = _plugin_modules()
+    frames = []
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    inner = [f for f in frames if any(_in_package_of(f.f_globals.get("__name__", ""), m) for m in modules)]
+    if not inner:
+        return None
+    at = f"{inner[-1].f_code.co_filename}:{inner[-1].f_lineno} in {inner[-1].f_code.co_name}"
+    plugin, key = None, ""
+    for frame in reversed(inner):
+        found = built_at(frame.f_locals.get("self"))
+        if found is not None:
+            where, registration = found
+            plugin, key = registration.plugin, f' at [{where}] ({NOUNS[registration.kind]} "{registration.name}")'
+            break
+        plugin = plugin or modules.get(frame.f_globals.get("__name__", ""))
+    return (
+        f"in {plugin_label(plugin) if plugin else 'plugin code'}{key}: {type(exc).__name__}: {exc}\n"
+        f"  raised at {at}\n  for the traceback: ngkit --debug {command}"
+    )
+
+
+def _report(message: str, code: int) -> int:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = launcher_args(sys.argv[1:] if argv is None else list(argv))
@@ -86,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except NgkitError as exc:
         if DEBUG["on"]:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _report(str(exc), exc.exit_code)
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -96,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    except Exception as exc:  # click usage errors carry their own exit code
-        # typer bundles its own click (typer._click), so test for the interface, not the class
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+    except Exception as exc:
+        if _is_usage_error(exc):  # they carry their own exit code (2)
             exc.show()
             return exc.exit_code
-        raise
+        message = plugin_error(exc, shlex.join(argv))
+        if message is None:  # not from a plugin: an ngkit bug, whose traceback is the report
+            raise
+        if DEBUG["on"]:
+            err.print_exception()
+        return _report(message, NgkitError.exit_code)
     return code if isinstance(code, int) else 0
 
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ngkit.errors import RecipeError
-from ngkit.recipe import load_recipe
+from ngkit.errors import NgkitError, RecipeError
+from ngkit.recipe import apply_overrides, parse_recipe, read_toml, variant_raw
 
 app = typer.Typer(help="List and validate recipes.", no_args_is_help=True)
 
@@ -41,15 +41,40 @@ def list_() -> None:
     Console().print(table)
 
 
+def check_recipe(path: Path, overrides: list[str], gpu: bool) -> None:
+    """Parse, bind and build a recipe (and each compare variant) as ``ngkit run`` would, on the
+    meta device; raise a RecipeError (or another NgkitError) for the first that fails."""
+    import torch
+
+    from ngkit.engine.build import check_device, dry_build
+
+    raw = apply_overrides(read_toml(path), overrides, str(path))
+    recipe = parse_recipe(raw, str(path))
+    runs = [(str(path), recipe)] + [
+        (f"{path} [compare.variants.{label}]", parse_recipe(variant_raw(raw, partial), str(path)))
+        for label, partial in recipe.compare.variants.items()
+    ]
+    for source, parsed in runs:
+        problems = check_device(parsed, gpu or torch.cuda.is_available())
+        if problems:
+            raise RecipeError(source, problems)
+        dry_build(parsed, source)
+
+
 @app.command("validate")
-def validate(files: list[Path] = typer.Argument(..., help="Recipe files to check.")) -> None:
-    """Check recipes against the schema and the registered plugins; stops at the first bad one."""
+def validate(
+    files: list[Path] = typer.Argument(..., help="Recipe files to check."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: dotted.key=value (repeatable)."),
+    gpu: bool = typer.Option(False, "--gpu", help="Check as for a machine with a CUDA GPU (e.g. on a login node)."),
+) -> None:
+    """Check recipes against the schema and the registered plugins, and build every component
+    (on the meta device: no memory, no training) as 'ngkit run' would; stops at the first bad one."""
     console = Console()
     for path in files:
         try:
-            load_recipe(path)
-        except RecipeError as exc:
-            Console(stderr=True).print(f"[bold red]invalid:[/] {escape(str(exc))}")
+            check_recipe(path, set_, gpu)
+        except NgkitError as exc:
+            Console(stderr=True).print(f"[bold red]invalid:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         console.print(f"[green]ok[/] {escape(str(path))}")
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ngkit.errors import NgkitError
+from ngkit.errors import NgkitError, RecipeError
 from ngkit.recipe import apply_overrides, parse_recipe, read_toml
 
 console = Console(stderr=True)
@@ -52,6 +52,13 @@ def run(
         source = recipe or packaged_recipe(DEFAULT_RECIPE)
     raw = apply_overrides(read_toml(source), set_, str(source))
     parsed = parse_recipe(raw, str(source))
+    import torch
+
+    from ngkit.engine.build import check_device
+
+    problems = check_device(parsed, torch.cuda.is_available())
+    if problems:
+        raise RecipeError(str(source), problems)
     if out is None:
         stem = source.stem if resume is None else resume.name
         out = next_free(Path(parsed.run.out_dir.format(recipe=stem)))

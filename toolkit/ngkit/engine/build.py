@@ -1,14 +1,27 @@
-"""Turn a validated recipe into objects: dataset, encoder, decoder, β schedule, method, metrics."""
+"""Turn a validated recipe into objects: dataset, encoder, decoder, β schedule, method, metrics.
+
+``ngkit run`` builds with :func:`build`; ``ngkit recipes validate`` with :func:`dry_build`, the
+same constructors on the meta device (no memory, no compute), so every constructor error is a
+validation error. Both check the encoder's and decoder's output shapes with one dummy batch.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ngkit.binding import build_component, component_tables
+import torch
+from torch import Tensor, nn
+
+from ngkit.binding import build_component, component_label, component_tables
+from ngkit.plugins import get_registry
 from ngkit.components import BetaSchedule, ImageDataset, ImageSpec, LatentSpec, Method, Metric
 from ngkit.errors import RecipeError
 from ngkit.recipe import Recipe
+
+# Images in the shape-check batch: more than one, so a decoder that mixes up the batch axis shows.
+CHECK_BATCH = 2
 
 
 @dataclass
@@ -32,9 +45,32 @@ def latent_for(image: ImageSpec, codes: int, patch_size: int, source: str = "rec
     return LatentSpec((image.height // patch_size, image.width // patch_size), codes)
 
 
-def build_dataset(recipe: Recipe) -> ImageDataset:
+def check_device(recipe: Recipe, cuda: bool) -> list[str]:
+    """Problems of ``[run] device`` and ``[distributed]`` on a machine with or without a CUDA GPU.
+
+    fp32 and bf16 run on CPU and CUDA; fp16 needs CUDA (DeepSpeed's CPU accelerator has no fp16),
+    and so does nccl."""
+    device, dist = recipe.run.device, recipe.distributed
+    if device == "cuda" and not cuda:
+        return ['[run.device] "cuda", but torch sees no CUDA GPU on this machine; use "auto" (a GPU when '
+                'there is one) or "cpu"']
+    problems = []
+    if device == "cpu" or not cuda:
+        on = 'device = "cpu"' if device == "cpu" else 'device = "auto" and no CUDA GPU on this machine'
+        if dist.precision == "fp16":
+            problems.append(f'[distributed.precision] "fp16" needs a CUDA GPU ({on}); on the CPU use '
+                            '"bf16" or "fp32"')
+        if dist.backend == "nccl":
+            problems.append(f'[distributed.backend] "nccl" needs CUDA ({on}); use "auto" or "gloo"')
+    return problems
+
+
+def build_dataset(recipe: Recipe, source: str = "recipe") -> ImageDataset:
     kind, table, where = component_tables(recipe)[0]
-    return build_component(kind, table, {}, where)
+    try:
+        return build_component(kind, table, {}, where)
+    except RecipeError as exc:
+        raise RecipeError(source, exc.problems) from exc
 
 
 MODEL_TABLES = {"model.encoder": "encoders", "model.decoder": "decoders", "schedule.beta": "beta_schedules"}
@@ -46,24 +82,62 @@ def model_tables(recipe: Recipe) -> dict[str, dict[str, Any]]:
 
 
 def build_method(
-    tables: dict[str, dict[str, Any]], image: ImageSpec, latent: LatentSpec, total_steps: int
+    tables: dict[str, dict[str, Any]], image: ImageSpec, latent: LatentSpec, total_steps: int, source: str = "recipe"
 ) -> tuple[BetaSchedule, Method]:
     """Encoder, decoder and β schedule from their tables, then the method around them: needs the
-    image spec, not the dataset (so a trained tokenizer loads without its training data)."""
+    image spec, not the dataset (so a trained tokenizer loads without its training data).
+
+    Problems of the encoder, decoder and β schedule are reported together, with those of the
+    shape check (one dummy batch); the method is built only from parts that built."""
     context: dict[str, Any] = {"image": image, "latent": latent, "total_steps": total_steps}
+    problems: list[str] = []
     for where, kind in MODEL_TABLES.items():
-        context[where.split(".")[1]] = build_component(kind, tables[where], context, where)
-    method = build_component("methods", tables["method"], context, "method")
+        try:
+            context[where.split(".")[1]] = build_component(kind, tables[where], context, where)
+        except RecipeError as exc:
+            problems += exc.problems
+    registry = get_registry()
+    for name, check in (("encoder", check_encoder), ("decoder", check_decoder)):
+        if name in context:
+            who = component_label(registry.entries[MODEL_TABLES[f"model.{name}"]][tables[f"model.{name}"]["name"]])
+            problems += check(context[name], image, latent, f"model.{name}", who)
+    if problems:
+        raise RecipeError(source, problems)
+    try:
+        method = build_component("methods", tables["method"], context, "method")
+    except RecipeError as exc:
+        raise RecipeError(source, exc.problems) from exc
     return context["beta"], method
 
 
-def build(recipe: Recipe, dataset: ImageDataset | None = None) -> Built:
+def build(recipe: Recipe, dataset: ImageDataset | None = None, source: str = "recipe") -> Built:
     """Build every component of a recipe (the dataset may be passed in to reuse its load)."""
-    dataset = dataset or build_dataset(recipe)
+    dataset = dataset or build_dataset(recipe, source)
     image = dataset.spec
-    latent = latent_for(image, recipe.model.codes, recipe.model.patch_size)
-    beta, method = build_method(model_tables(recipe), image, latent, recipe.run.steps)
+    latent = latent_for(image, recipe.model.codes, recipe.model.patch_size, source)
+    beta, method = build_method(model_tables(recipe), image, latent, recipe.run.steps, source)
     return Built(dataset, image, latent, beta, method)
+
+
+def dry_build(recipe: Recipe, source: str = "recipe") -> None:
+    """Everything :func:`build` and evaluation build, with the models on the meta device.
+
+    A failure that mentions the meta device is repeated on the CPU, so a plugin that cannot be
+    built on meta (one that reads a tensor's value in its constructor) is judged by what
+    ``ngkit run`` would do. Other failures are not: their CPU build could need the memory that
+    the meta device spares (a typo of ``codes = 10**9``)."""
+    dataset = build_dataset(recipe, source)
+    try:
+        with torch.device("meta"):
+            build(recipe, dataset, source)
+    except RecipeError as exc:
+        if not any("meta" in problem.lower() for problem in exc.problems):
+            raise
+        build(recipe, dataset, source)
+    try:
+        build_metrics(recipe.eval.metrics, recipe.eval.options)
+    except RecipeError as exc:
+        raise RecipeError(source, exc.problems) from exc
 
 
 def build_metrics(names: list[str], options: dict[str, dict[str, Any]]) -> dict[str, Metric]:
@@ -75,3 +149,69 @@ def build_metrics(names: list[str], options: dict[str, dict[str, Any]]) -> dict[
         name: build_component("metrics", {"name": name, **options.get(name, {})}, {}, f"eval.metrics.{name}")
         for name in names
     }
+
+
+def _dummy(image: ImageSpec, latent: LatentSpec) -> tuple[Tensor, Tensor]:
+    """A batch of mid-grey images and all-zero codes, on the default device (meta under
+    :func:`dry_build`)."""
+    x = torch.full((CHECK_BATCH, *image.shape), 0.5)
+    z = torch.zeros(CHECK_BATCH, latent.tokens, dtype=torch.long)
+    return x, z
+
+
+def _shape_problem(where: str, who: str, what: str, want: tuple[int, ...], got: Tensor) -> list[str]:
+    if tuple(got.shape) == want:
+        return []
+    return [f"[{where}] {who}: {what} has shape {list(got.shape)}, expected {list(want)}"]
+
+
+def _run_check(module: nn.Module, where: str, who: str, check: Callable[[], list[str]]) -> list[str]:
+    """``check()`` in eval mode without gradients or touching the random state; an exception
+    is a problem at ``where``."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return check()
+    except Exception as exc:
+        return [f"[{where}] {who} failed on a dummy batch of {CHECK_BATCH} images: {type(exc).__name__}: {exc}"]
+    finally:
+        module.train(was_training)
+
+
+def check_encoder(encoder: nn.Module, image: ImageSpec, latent: LatentSpec, where: str, who: str) -> list[str]:
+    """Teacher-forced ``log_prob`` of a dummy batch: logits ``[B, L, V]`` and ``logq [B]``. An
+    encoder without ``log_prob`` (features only, for VQ-VAE/FSQ) is not checked. ``where`` and
+    ``who`` (the recipe key and the component) locate the problems."""
+    b, tokens, codes = CHECK_BATCH, latent.tokens, latent.codes
+
+    def check() -> list[str]:
+        x, z = _dummy(image, latent)
+        try:
+            out = encoder.log_prob(x, z)
+        except NotImplementedError:
+            return []
+        return _shape_problem(where, who, "log_prob(x, z).logits", (b, tokens, codes), out.logits) + _shape_problem(
+            where, who, "log_prob(x, z).logq", (b,), out.logq
+        )
+
+    return _run_check(encoder, where, who, check)
+
+
+def check_decoder(decoder: nn.Module, image: ImageSpec, latent: LatentSpec, where: str, who: str) -> list[str]:
+    """``embed`` -> ``forward`` -> ``mean`` and ``log_prob`` on a dummy batch: embeddings
+    ``[B, L, embed_dim]``, a reconstruction ``[B, C, H, W]`` and one log-likelihood per image."""
+    b = CHECK_BATCH
+
+    def check() -> list[str]:
+        x, z = _dummy(image, latent)
+        h = decoder.embed(z)
+        problems = _shape_problem(where, who, "embed(z)", (b, latent.tokens, decoder.embed_dim), h)
+        if problems:
+            return problems
+        params = decoder(h)
+        return _shape_problem(where, who, "mean(forward(h))", (b, *image.shape), decoder.mean(params)) + _shape_problem(
+            where, who, "log_prob(x, forward(h))", (b,), decoder.log_prob(x, params)
+        )
+
+    return _run_check(decoder, where, who, check)

@@ -103,12 +103,13 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
             f"--resume {out_dir}: no complete checkpoint in {ckpt_dir}; start a new run with "
             f"ngkit run RECIPE --out NEW_DIR (or set [run] checkpoint_every so that runs save as they go)"
         )
-    checkpoint.check_shared_dir(out_dir, dist.rank)
 
-    # ---- build: components from the recipe (same initial weights on every rank), data checked
+    # ---- build: components from the recipe (same initial weights on every rank), data checked;
+    # nothing is written before this has passed
     seed_everything(run_cfg.seed)
     built = build(recipe)
     check_dataset(built.dataset, run_cfg.seed, dist.rank, dist.world_size)
+    checkpoint.check_shared_dir(out_dir, dist.rank)
     method = built.method.to(device=dist.device)
     engine = make_engine(method, recipe)
     guard = engine.ngkit_optimizer
