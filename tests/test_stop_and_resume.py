@@ -177,3 +177,15 @@ def test_divergence_is_skipped_then_stops_naming_the_checkpoint(tmp_path, method
     message = str(err.value)
     newest = checkpoint.latest_tag(tmp_path / "run" / "checkpoints")
     assert newest is not None and newest in message
+
+
+def test_resume_refuses_a_recipe_or_another_out(tmp_path, capsys):
+    from ngkit.cli.main import main
+
+    out = run(tmp_path, run={**EVERY_3, "steps": 3})
+    recipe = tmp_path / "other.toml"
+    recipe.write_text(tomli_w.dumps(tiny()))
+    assert main(["run", str(recipe), "--resume", str(out)]) == 2
+    assert "cannot be given with it" in capsys.readouterr().err
+    assert main(["run", "--resume", str(out), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()

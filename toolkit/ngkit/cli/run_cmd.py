@@ -43,6 +43,12 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a tokenizer from a recipe and write checkpoints, metrics and pictures."""
+    if resume is not None and (recipe is not None or (out is not None and out.resolve() != resume.resolve())):
+        given = f"the recipe {recipe}" if recipe is not None else f"--out {out}"
+        raise NgkitError(
+            f"--resume {resume} continues that run with its own recipe.toml in place, so {given} cannot be "
+            f"given with it; change keys with --set (e.g. --set run.steps=N), or start a new run without --resume"
+        )
     if resume is not None:
         saved = resume / "recipe.toml"
         if not saved.exists():
