@@ -31,6 +31,7 @@ __all__ = [
     "register_methods",
     "register_metrics",
     "register_posterior_proxies",
+    "register_priors",
     "register_quantizers",
     "register_step_size_policies",
     "on_train_start",
@@ -114,6 +115,16 @@ def register_metrics(register: Register) -> None:
     ``ngkit eval --metric``.
 
     :param register: call ``register(name, factory)``.
+    """
+
+
+@hookspec
+def register_priors(register: Register) -> None:
+    """Register generative priors over a frozen tokenizer's codes (:class:`ngkit.priors.Prior`)
+    for a prior recipe's ``[prior]`` table (``ngkit prior train``).
+
+    :param register: call ``register(name, factory)``; the factory receives ``latent`` (the
+        tokenizer's) and ``classes`` (labels in the code dataset; 0 when unlabelled).
     """
 
 
