@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ngkit.errors import RecipeError
+from ngkit.priors.recipe import is_prior_recipe, load_prior_recipe
 from ngkit.recipe import load_recipe
 
 app = typer.Typer(help="List and validate recipes.", no_args_is_help=True)
@@ -47,7 +48,10 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe files to check
     console = Console()
     for path in files:
         try:
-            load_recipe(path)
+            if is_prior_recipe(path):
+                load_prior_recipe(path)
+            else:
+                load_recipe(path)
         except RecipeError as exc:
             Console(stderr=True).print(f"[bold red]invalid:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
