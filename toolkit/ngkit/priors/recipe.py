@@ -12,6 +12,7 @@ problems are reported all at once, like every recipe's.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +66,41 @@ class PriorRecipe(Section):
 def _problems(exc: ValidationError) -> list[str]:
     out = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        loc = err["loc"]
+        key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            out.append(f"[{key}] unknown key (allowed: {', '.join(PriorRecipe.model_fields)} and their keys)")
+            field = PriorRecipe.model_fields.get(str(loc[0])) if len(loc) > 1 else None
+            section = field.annotation if field is not None else PriorRecipe
+            allowed = list(getattr(section, "model_fields", PriorRecipe.model_fields))
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            out.append(f"[{key}] unknown key{hint} (allowed: {', '.join(allowed)})")
         elif err["type"] == "missing":
             out.append(f"[{key}] is required but missing")
         else:
             out.append(f"[{key}] {err['msg']}; found {err.get('input')!r}")
     return out
+
+
+def _component_problems(raw: dict[str, Any]) -> list[str]:
+    """The dataset, the prior and the metrics checked against their factories (from the raw
+    tables, so that they are reported next to any schema problem)."""
+    registry = get_registry()
+    problems: list[str] = []
+    data = raw.get("data")
+    if isinstance(data, dict):
+        table = {k: v for k, v in data.items() if k not in DataSection.model_fields or k == "name"}
+        problems += check_component("datasets", table, "data", registry)
+    prior = raw.get("prior")
+    if isinstance(prior, dict):
+        table = {k: v for k, v in prior.items() if k not in PRIOR_KEYS}
+        problems += check_component("priors", table, "prior", registry)
+    evals = raw.get("eval") if isinstance(raw.get("eval"), dict) else {}
+    options = evals.get("options", {}) if isinstance(evals.get("options", {}), dict) else {}
+    for metric in evals.get("metrics", EvalSection.model_fields["metrics"].get_default(call_default_factory=True)):
+        extra = options.get(metric, {}) if isinstance(options.get(metric, {}), dict) else {}
+        problems += check_component("metrics", {"name": metric, **extra}, f"eval.metrics.{metric}", registry)
+    return problems
 
 
 def parse_prior_recipe(raw: dict[str, Any], source: str) -> PriorRecipe:
@@ -81,19 +109,11 @@ def parse_prior_recipe(raw: dict[str, Any], source: str) -> PriorRecipe:
         raise RecipeError(source, ["a prior recipe has a [prior] table, not [model]/[method]: train "
                                    "tokenizers with 'ngkit run', priors over their codes with 'ngkit prior train'"])
     try:
-        recipe = PriorRecipe.model_validate(raw)
+        recipe, problems = PriorRecipe.model_validate(raw), []
     except ValidationError as exc:
-        raise RecipeError(source, _problems(exc)) from None
-    registry = get_registry()
-    data = recipe.data.model_dump()
-    for core_key in ("batch_size", "workers", "max_unreadable"):
-        data.pop(core_key)
-    problems = check_component("datasets", data, "data", registry)
-    problems += check_component("priors", recipe.prior.table(), "prior", registry)
-    for metric in recipe.eval.metrics:
-        table = {"name": metric, **recipe.eval.options.get(metric, {})}
-        problems += check_component("metrics", table, f"eval.metrics.{metric}", registry)
-    if problems:
+        recipe, problems = None, _problems(exc)
+    problems += _component_problems(raw)
+    if problems or recipe is None:
         raise RecipeError(source, problems)
     return recipe
 
