@@ -155,3 +155,20 @@ def test_recipe_errors_are_listed_together(tokenizer_run: Path) -> None:
     with pytest.raises(RecipeError, match='use precision = "fp32"'):
         check_precision("bf16", 1024, 10, "x.toml")
     check_precision("bf16", 256, 10, "x.toml")
+
+
+def test_eval_of_a_prior_run_is_a_generation_evaluation(prior_run: Path, trusted: Path, capsys) -> None:
+    """``ngkit eval PRIOR_RUN --metric fid --mode generation``: samples vs held-out images, with
+    the protocol saying so; reconstruction metrics and an unlabelled FID mode are refused."""
+    args = ["eval", str(prior_run), "--num-images", "20", "--batch-size", "10", "--json"]
+    assert main([*args, "--metric", "fid", "--metric", "distinct", "--mode", "generation"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["num_images"] == 20 and np.isfinite(record["values"]["fid"]) and record["values"]["fid"] > 0
+    assert record["protocol"]["fid"]["mode"].startswith("generation FID: N samples of a prior vs N held-out images")
+    assert 0 < record["values"]["distinct"] <= 1
+    assert main([*args]) == 0  # the default metrics of a prior run: usage and distinct
+    assert set(json.loads(capsys.readouterr().out)["values"]) >= {"distinct", "code_usage"}
+    assert main([*args, "--metric", "psnr"]) == 2
+    assert "mean nothing" in capsys.readouterr().err
+    assert main([*args, "--metric", "fid"]) == 2
+    assert "--mode generation" in capsys.readouterr().err
