@@ -55,7 +55,6 @@ def train_command(
 
         run = load_prior_run(out)
         labels = class_balanced_labels(run.recipe.prior.classes or 0, per_class)
-        labels = labels if run.recipe.prior.classes else run.prior.null_labels(labels)
         record = write_samples(run, labels, out / "generation", guidance=1.0, seed=0, score=True)
         shown = {k: record[k] for k in ("distinct_fraction", "class_consistency", "classifier_test_accuracy") if k in record}
         console.print(f"generation ({record['samples']} samples): {shown}")

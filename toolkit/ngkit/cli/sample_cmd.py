@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -39,11 +40,7 @@ def sample_command(
             f"--label {label}: this prior knows classes 0..{classes - 1}" if classes
             else f"--label {label}: this prior was trained without labels; leave --label out"
         )
-    if label is not None:
-        labels = class_balanced_labels(1, num) + label
-    else:
-        labels = class_balanced_labels(classes, num)
-        labels = labels if classes else run.prior.null_labels(labels)
+    labels = class_balanced_labels(classes, num) if label is None else torch.full((num,), label)
     which = "all" if label is None else str(label)
     stem = out or run.run_dir / "samples" / f"label-{which}-g{guidance:g}-seed{seed}"
     record = write_samples(run, labels, stem, guidance=guidance, seed=seed, score=score)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ngkit.errors import NgkitError, WeightsError
 from ngkit.priors.base import Prior
-from ngkit.priors.recipe import PriorRecipe, load_prior_recipe
+from ngkit.priors.recipe import PriorRecipe, is_prior_recipe, load_prior_recipe
 from ngkit.priors.trainer import build_prior
 from ngkit.tokenizer import Tokenizer, load
 
@@ -41,9 +41,9 @@ def load_prior_run(target: Path) -> PriorRun:
     """A prior run directory (or one of its checkpoints) ready to sample."""
     from ngkit.engine.load import locate, read_model_state
 
-    if not (target / "recipe.toml").is_file() and not (target.parent.name == "checkpoints"):
-        raise NgkitError(f"{target} is not a run directory of 'ngkit prior train' (no recipe.toml)")
     run_dir, tag = locate(target)
+    if not is_prior_recipe(run_dir / "recipe.toml"):
+        raise NgkitError(f"{run_dir} is a tokenizer run; sampling needs a run of 'ngkit prior train'")
     recipe = load_prior_recipe(run_dir / "recipe.toml")
     if recipe.prior.classes is None:
         raise NgkitError(f"{run_dir / 'recipe.toml'} has no [prior] classes; was it written by 'ngkit prior train'?")

@@ -58,8 +58,8 @@ def generation_scores(
 
 
 def class_balanced_labels(classes: int, per_class: int) -> Tensor:
-    """``per_class`` of each label 0..classes-1 in turn (0, 1, ..., 0, 1, ...); unconditional
-    (the null label ``classes``) when there are no classes."""
+    """``per_class`` of each label 0..classes-1 in turn (0, 1, ..., 0, 1, ...); with no classes,
+    ``per_class`` null labels (the null label is ``classes`` = 0: unconditional samples)."""
     if classes == 0:
         return torch.zeros(per_class, dtype=torch.long)
     return torch.arange(classes).repeat(per_class)
