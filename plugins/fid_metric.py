@@ -5,6 +5,8 @@ it is (``protocol()["mode"]``):
 
 - ``mode = "rfid"`` (default): reconstructions against the originals of the same N held-out
   images, as tokenizer papers (VQGAN, LlamaGen, TiTok) report "rFID".
+- ``mode = "generation"``: a prior's samples (``ngkit eval PRIOR_RUN --mode generation``) against
+  N held-out images: the same computation as rFID, another meaning.
 - ``mode = "reference"``: reconstructions against precomputed statistics of a dataset (an
   ``.npz`` with ``mu`` and ``sigma``, pytorch-fid's format), as DAPS' reference code does. Make
   such a file with :func:`compute_reference_stats` (``ngkit eval stats``).
@@ -187,8 +189,9 @@ def compute_reference_stats(
 class FidMetric:
     """FID of reconstructions: rFID against the originals, or FID against reference statistics.
 
-    :param mode: ``"rfid"`` (reconstructions vs originals of the same images) or
-        ``"reference"`` (reconstructions vs the statistics in ``reference_stats``).
+    :param mode: ``"rfid"`` (reconstructions vs originals of the same images), ``"generation"``
+        (a prior's samples vs held-out images) or ``"reference"`` (reconstructions vs the
+        statistics in ``reference_stats``).
     :param reference_stats: ``.npz`` with ``mu`` and ``sigma``; required by, and only by,
         ``mode = "reference"``.
     :param weights: path to ``pt_inception-2015-12-05-6726825d.pth``; else found by
@@ -198,18 +201,19 @@ class FidMetric:
 
     def __init__(
         self,
-        mode: Literal["rfid", "reference"] = "rfid",
+        mode: Literal["rfid", "generation", "reference"] = "rfid",
         reference_stats: str | None = None,
         weights: str | None = None,
         feature_batch: int = 50,
     ) -> None:
-        if mode not in ("rfid", "reference"):
-            raise NgkitError(f'fid: mode must be "rfid" or "reference"; got "{mode}"')
+        if mode not in ("rfid", "generation", "reference"):
+            raise NgkitError(f'fid: mode must be "rfid", "generation" or "reference"; got "{mode}"')
         if (mode == "reference") != (reference_stats is not None):
             raise NgkitError(
                 'fid: mode = "reference" needs reference_stats = "<file>.npz" (see \'ngkit eval stats\'); '
-                'mode = "rfid" compares with the originals and takes no reference_stats'
+                'mode = "rfid" or "generation" compares with held-out images and takes no reference_stats'
             )
+        self.mode = mode
         self.reference: ReferenceStats | None = None  # None: rFID against the originals
         self.reference_path: Path | None = None
         self.reference_sha256: str | None = None
@@ -256,7 +260,8 @@ class FidMetric:
 
     def protocol(self) -> dict[str, Any]:
         if self.reference is None:
-            mode = "rFID: reconstructions vs originals of the same N images"
+            mode = ("generation FID: N samples of a prior vs N held-out images" if self.mode == "generation"
+                    else "rFID: reconstructions vs originals of the same N images")
             reference: dict[str, Any] = {}
         else:
             mode = f"FID vs reference statistics {self.reference_path}"

@@ -192,3 +192,25 @@ def test_the_context_error_the_guide_quotes_is_the_real_one():
     with temporary_plugin(plugin, "my_metric"):
         msg = check_component("metrics", {"name": "area"}, "eval.metrics.area", get_registry())[0]
     assert f"```\n{msg}\n```" in GUIDE.read_text()
+
+
+@pytest.mark.parametrize("plugin", ["prior"], indirect=True)
+def test_prior_example(plugin):
+    torch.manual_seed(0)
+    prior = build("priors", {"name": "unigram"}, context={"latent": LATENT, "classes": 3})
+    prior.allowed[5] = False  # a code the tokenizer never emits
+    codes = torch.randint(0, 5, (64, LATENT.tokens))
+    labels = torch.randint(0, 3, (64,))
+    optimizer = torch.optim.Adam(prior.parameters(), lr=0.1)
+    first = None
+    for _ in range(50):
+        out = prior.loss(codes, labels)
+        first = first if first is not None else float(out.loss)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert float(out.loss) < first
+    for guidance in (0.0, 1.0, 3.0):
+        sampled = prior.sample(torch.tensor([0, 1, 2, 0]), guidance=guidance)
+        assert sampled.shape == (4, LATENT.tokens) and int(sampled.max()) < LATENT.codes
+        assert not (sampled == 5).any()

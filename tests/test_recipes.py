@@ -9,6 +9,7 @@ import pytest
 from ngkit.binding import component_tables
 from ngkit.cli.main import main
 from ngkit.plugins import get_registry
+from ngkit.priors.recipe import is_prior_recipe, load_prior_recipe
 from ngkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +30,17 @@ def test_header_names_its_run_command(path: Path):
     text = "\n".join(header)
     assert header, f"{path} must open with a comment saying what it trains"
     rel = path.relative_to(ROOT).as_posix()
-    assert f"ngkit run {rel}" in text or f"ngkit compare {rel}" in text, f"header must give the command for {rel}"
+    commands = (f"ngkit run {rel}", f"ngkit compare {rel}", f"ngkit prior train {rel}")
+    assert any(c in text for c in commands), f"header must give the command for {rel}"
     assert "Needs:" in text, "header must say what the recipe needs (data, hardware, time)"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_validates_and_names_registered_components(path: Path):
+    if is_prior_recipe(path):
+        recipe = load_prior_recipe(path)
+        assert recipe.prior.name in get_registry().names("priors")
+        return
     recipe = load_recipe(path)
     registry = get_registry()
     for kind, table, _ in component_tables(recipe):
@@ -45,5 +51,7 @@ def test_recipe_validates_and_names_registered_components(path: Path):
 def test_recipe_builds_in_recipes_validate(path: Path, trusted, capsys):
     """Every component built (on the meta device) and shape-checked, as `ngkit run` would; GPU
     recipes checked as for a machine with a GPU."""
-    gpu = ["--gpu"] if load_recipe(path).distributed.precision != "fp32" else []
+    from ngkit.priors.recipe import is_prior_recipe
+
+    gpu = ["--gpu"] if not is_prior_recipe(path) and load_recipe(path).distributed.precision == "fp16" else []
     assert main(["recipes", "validate", *gpu, str(path)]) == 0, capsys.readouterr().err

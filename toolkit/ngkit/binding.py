@@ -42,6 +42,7 @@ CONTEXT_BY_KIND: dict[str, tuple[str, ...]] = {
     "step_size_policies": _SHAPES,
     "quantizers": _SHAPES,
     "metrics": (),
+    "priors": ("latent", "classes"),  # the frozen tokenizer's latent spec, the dataset's label count
 }
 
 

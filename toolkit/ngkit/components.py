@@ -77,6 +77,7 @@ CONTEXT_ARGS: dict[str, str] = {
     "decoder": "the built Decoder (methods only)",
     "beta": "the built BetaSchedule (methods only)",
     "total_steps": "run.steps of the recipe",
+    "classes": "class labels in a prior's code dataset (priors only)",
 }
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "register_methods",
     "register_metrics",
     "register_posterior_proxies",
+    "register_priors",
     "register_quantizers",
     "register_step_size_policies",
     "on_train_start",
@@ -132,6 +133,16 @@ def register_metrics(register: Register) -> None:
 
     :param register: call ``register(name, factory)``; the factory gets no context arguments:
         each :class:`ngkit.components.EvalBatch` carries the images and the ``latent`` spec.
+    """
+
+
+@hookspec
+def register_priors(register: Register) -> None:
+    """Register generative priors over a frozen tokenizer's codes (:class:`ngkit.priors.Prior`)
+    for a prior recipe's ``[prior]`` table (``ngkit prior train``).
+
+    :param register: call ``register(name, factory)``; the factory receives ``latent`` (the
+        tokenizer's) and ``classes`` (labels in the code dataset; 0 when unlabelled).
     """
 
 

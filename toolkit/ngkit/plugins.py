@@ -45,6 +45,7 @@ KINDS: dict[str, str] = {
     "beta_schedules": "register_beta_schedules",
     "quantizers": "register_quantizers",
     "metrics": "register_metrics",
+    "priors": "register_priors",
 }
 
 # kind -> the singular noun used in messages
@@ -58,6 +59,7 @@ NOUNS: dict[str, str] = {
     "beta_schedules": "beta schedule",
     "quantizers": "quantizer",
     "metrics": "metric",
+    "priors": "prior",
 }
 
 

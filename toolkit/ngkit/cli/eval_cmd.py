@@ -18,14 +18,18 @@ from rich.table import Table
 
 from ngkit import versions
 from ngkit.errors import NgkitError
+from ngkit.priors.recipe import is_prior_recipe
 
 console = Console(stderr=True)
+DEFAULT_METRICS = ["psnr", "mse", "ssim", "usage"]
 
 
-def _metric_options(metrics: list[str], reference_stats: Path | None, weights: Path | None) -> dict[str, dict[str, Any]]:
+def _metric_options(
+    metrics: list[str], reference_stats: Path | None, weights: Path | None, mode: str | None = None
+) -> dict[str, dict[str, Any]]:
     options: dict[str, dict[str, Any]] = {}
     if "fid" in metrics:
-        fid: dict[str, Any] = {}
+        fid: dict[str, Any] = {"mode": mode} if mode else {}
         if reference_stats is not None:
             fid.update(mode="reference", reference_stats=str(reference_stats))
         if weights is not None:
@@ -44,6 +48,7 @@ def eval_run(
     reference_stats: Path | None,
     inception_weights: Path | None,
     batch_size: int | None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the record also written to ``eval-<time>.json``."""
     from ngkit.engine.build import build_metrics
@@ -58,7 +63,7 @@ def eval_run(
     loaded = load_run(target, overrides)
     recipe = loaded.recipe
     n = num_images or recipe.eval.num_images
-    options = {**recipe.eval.options, **_metric_options(metrics, reference_stats, inception_weights)}
+    options = {**recipe.eval.options, **_metric_options(metrics, reference_stats, inception_weights, mode)}
     built_metrics = build_metrics(metrics, options)
     dataset = loaded.built.dataset
     if split == "train":
@@ -141,7 +146,7 @@ def print_record(record: dict[str, Any]) -> None:
 def eval_command(
     target: str = typer.Argument(..., help="Run directory or checkpoint; or 'stats' to compute reference statistics."),
     dataset: Optional[str] = typer.Argument(None, help="With 'stats': the dataset name."),
-    metric: list[str] = typer.Option(["psnr", "mse", "ssim", "usage"], "--metric", "-m", help="Metric name (repeatable)."),
+    metric: list[str] = typer.Option(DEFAULT_METRICS, "--metric", "-m", help="Metric name (repeatable)."),
     data: Optional[str] = typer.Option(None, "--data", help="Evaluate on another registered dataset."),
     split: str = typer.Option("test", "--split", help="test (held-out) or train."),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="Images to evaluate (default: [eval] num_images)."),
@@ -149,6 +154,7 @@ def eval_command(
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Path to pt_inception-2015-12-05-6726825d.pth."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     out: Optional[Path] = typer.Option(None, "--out", help="With 'stats': the .npz to write."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="FID mode: rfid, reference or generation (a prior run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the record as JSON."),
 ) -> None:
     """Evaluate a trained run on held-out images (or compute FID reference statistics)."""
@@ -161,9 +167,22 @@ def eval_command(
                               batch_size=batch_size or 50)
         console.print(f"reference statistics written to {escape(str(out))}")
         return
+    if (Path(target) / "recipe.toml").is_file() and is_prior_recipe(Path(target) / "recipe.toml"):
+        from ngkit.priors.evaluate import eval_prior_run
+
+        metric = ["usage", "distinct"] if metric == DEFAULT_METRICS else metric  # a prior's samples have no originals
+        options = _metric_options(metric, reference_stats, inception_weights, mode)
+        record = eval_prior_run(Path(target), metric, num_images=num_images, batch_size=batch_size, options=options)
+        if as_json:
+            print(json.dumps(record, indent=2, default=str))
+        else:
+            print_record(record)
+        return
+    if mode == "generation":
+        raise NgkitError(f"--mode generation evaluates the samples of a prior run; {target} is a tokenizer run")
     record = eval_run(
         Path(target), metric, num_images=num_images, data=data, split=split, reference_stats=reference_stats,
-        inception_weights=inception_weights, batch_size=batch_size,
+        inception_weights=inception_weights, batch_size=batch_size, mode=mode,
     )
     if as_json:
         print(json.dumps(record, indent=2, default=str))

@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from ngkit import __version__
-from ngkit.cli import compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, recipes_cmd, run_cmd, weights_cmd
+from ngkit.cli import (
+    compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, prior_cmd, recipes_cmd, run_cmd, sample_cmd, weights_cmd,
+)
 from ngkit.errors import NgkitError, RunStopped
 from ngkit.plugins import add_plugin_commands
 
@@ -37,6 +39,8 @@ app.command("eval")(eval_cmd.eval_command)
 app.add_typer(weights_cmd.app, name="weights")
 app.command("export")(export_cmd.export_command)
 app.command("encode")(encode_cmd.encode_command)
+app.add_typer(prior_cmd.app, name="prior")
+app.command("sample")(sample_cmd.sample_command)
 
 err = Console(stderr=True)
 DEBUG = {"on": False}

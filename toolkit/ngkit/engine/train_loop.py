@@ -13,6 +13,7 @@ import json
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from ngkit.components import Encoder
 from ngkit.data import Position, TrainBatches, check_dataset
 from ngkit.engine import checkpoint
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, to_float, truncate_jsonl
-from ngkit.engine.build import build, build_metrics
+from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import evaluate
@@ -83,8 +84,12 @@ def _agree(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v > 0) for v in values.tolist()]
 
 
-def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
-    """Train ``recipe`` into ``out_dir``; returns the final summary (also in summary.json)."""
+def train(
+    recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = False,
+    builder: Callable[[Recipe], Built] = build,
+) -> TrainResult:
+    """Train ``recipe`` into ``out_dir``; returns the final summary (also in summary.json).
+    ``builder`` makes the components (another one trains e.g. a prior over a tokenizer's codes)."""
     device = pick_device(recipe.run.device)
     set_accelerator_env(device)
     dist = init_distributed(device, recipe.distributed.backend)
@@ -107,7 +112,7 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     # ---- build: components from the recipe (same initial weights on every rank), data checked;
     # nothing is written before this has passed
     seed_everything(run_cfg.seed)
-    built = build(recipe)
+    built = builder(recipe)
     check_dataset(built.dataset, run_cfg.seed, dist.rank, dist.world_size)
     checkpoint.check_shared_dir(out_dir, dist.rank)
     method = built.method.to(device=dist.device)
@@ -116,6 +121,7 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
     method = engine.module
     params = [p for p in method.parameters() if p.requires_grad]
     resolved = recipe_to_dict(recipe)
+    trained = (resolved.get("method") or resolved.get("prior") or {}).get("name")  # what the recipe trains
     pm = get_plugin_manager()
     encoder = getattr(built.method, "encoder", None)
     decoder = getattr(built.method, "decoder", None)
@@ -299,7 +305,7 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
         save(step)
     result = run_eval(step, recipe.eval.metrics, recipe.eval.num_images)
     summary = {
-        "recipe": resolved.get("method", {}).get("name"),
+        "recipe": trained,
         "step": step,
         "train_seconds": train_seconds,
         "skipped_steps": skipped,
@@ -317,7 +323,7 @@ def train(recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = 
         writer.close()
         save_grid(out_dir / "reconstructions.png", result.images, result.reconstructions)
         records = read_jsonl(out_dir / "metrics.jsonl")
-        save_curves(out_dir / "curves.png", records, f"{out_dir.name}: {resolved['method']['name']}")
+        save_curves(out_dir / "curves.png", records, f"{out_dir.name}: {trained}")
         checkpoint.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         pm.hook.on_train_end(run=run, summary=summary)
     progress.finish(summary, out_dir)
