@@ -91,18 +91,23 @@ class GuardedAdamW(torch.optim.AdamW):
         self.outer: object | None = None
 
     def grads_finite(self) -> bool:
+        """This rank's gradients are all finite: one fused norm over every gradient (a NaN or an
+        infinity makes it non-finite; so does a norm past the float range, |g| ~ 1e19 in fp32)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return True
-        flags = torch.stack([torch.isfinite(g).all() for g in grads])
-        return bool(flags.all())
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def gradients_ok(self) -> bool:
+        """Every rank's loss and gradients are finite (one all-reduce); the same answer on all ranks."""
         from ngkit.engine.distributed import all_ranks_agree
 
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        ok = all_ranks_agree(self.loss_ok and self.grads_finite(), device)
+        return all_ranks_agree(self.loss_ok and self.grads_finite(), device)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        ok = self.gradients_ok()
         self.overflow = not ok
         if not ok:
             if self.outer is not None:
