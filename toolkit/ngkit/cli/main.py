@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ngkit import __version__
-from ngkit.cli import compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, recipes_cmd, run_cmd, weights_cmd
+from ngkit.cli import bench_cmd, compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, recipes_cmd, run_cmd, weights_cmd
 from ngkit.errors import NgkitError, RunStopped
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.command("eval")(eval_cmd.eval_command)
 app.add_typer(weights_cmd.app, name="weights")
 app.command("export")(export_cmd.export_command)
 app.command("encode")(encode_cmd.encode_command)
+app.command("bench")(bench_cmd.bench_command)
 
 err = Console(stderr=True)
 DEBUG = {"on": False}
