@@ -16,6 +16,7 @@ import torch
 
 from ngkit.components import ImageSpec, LatentSpec
 from ngkit.engine.bench import floor_parts
+from ngkit.engine.step import PhaseTimer
 from ngkit_plugins.attention import attention_backend
 from ngkit_plugins.conv_decoder import ConvDecoder
 from ngkit_plugins.transformer_encoder import TransformerEncoder
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--factorised", action="store_true", help="DAPS-NA encoder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time")
     args = parser.parse_args()
     if args.threads:
         # On a busy machine one thread can beat several: the sampler's per-token ops are tiny,
@@ -53,7 +55,7 @@ def main() -> None:
     print(f"B={args.batch} K={k} encoder {'factorised' if args.factorised else 'autoregressive'}")
     print(f"parameters: encoder {sum(p.numel() for p in enc.parameters()):,}, "
           f"decoder {sum(p.numel() for p in dec.parameters()):,}")
-    times = floor_parts(enc, dec, k, x, args.repeats, device)
+    times = floor_parts(enc, dec, k, x, args.repeats, PhaseTimer(device, args.clock))
     total = sum(times.values())
     for name, seconds in times.items():
         print(f"{name:>30}: {seconds * 1e3:9.1f} ms  ({seconds / total:5.1%})")

@@ -9,6 +9,7 @@ this process; prints Markdown tables (numbers in docs/performance.md).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -34,17 +35,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value for every row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.table or list(TABLES):
         print(f"\n{args.recipe} {' '.join(args.overrides)}: step time against {name} "
-              f"(median of {args.steps} steps, {torch.get_num_threads()} thread(s))\n")
+              f"(median of {args.steps} steps, {torch.get_num_threads()} thread(s), {args.clock} clock)\n")
         print("| setting | step ms | floor ms | step / floor | images/s | peak RSS MiB |\n|---|---|---|---|---|---|")
         for label, sets in TABLES[name]:
-            raw = apply_overrides(read_toml(args.recipe), [*args.overrides, *sets], args.recipe)
-            report = bench(parse_recipe(raw, args.recipe), args.recipe, args.steps, args.warmup, None)
+            raw = apply_overrides(read_toml(Path(args.recipe)), [*args.overrides, *sets], args.recipe)
+            report = bench(parse_recipe(raw, args.recipe), args.recipe, args.steps, args.warmup, None, args.clock)
             t = report.timing
             floor = f"{t.floor_ms:.1f} | {t.step_over_floor:.2f}" if t.floor_ms else "– | –"
             print(f"| {label} | {t.step_ms:.1f} | {floor} | {t.images_per_s:.1f} | {report.peak_rss_mb:.0f} |", flush=True)

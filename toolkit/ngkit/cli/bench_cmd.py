@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ngkit.errors import NgkitError
 from ngkit.recipe import apply_overrides, parse_recipe, read_toml, variant_raw
 
 if TYPE_CHECKING:
@@ -25,11 +26,14 @@ def bench_command(
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first (allocators, kernels)."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help=f"Also time {BASELINE} on the same encoder and decoder."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
+    clock: str = typer.Option("wall", "--clock", help="wall, or cpu: this process's CPU time (on a shared CPU; with 1 thread)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: dotted.key=value (repeatable)."),
 ) -> None:
     """Per-phase time of the engine's own training step, images/s, peak memory, step / floor and
     the ratio to VQ-VAE on the same model, measured in this process."""
+    if clock not in ("wall", "cpu"):
+        raise NgkitError(f"--clock {clock}: expected wall or cpu")
     raw = apply_overrides(read_toml(recipe), set_, str(recipe))
     if method is not None:
         raw = variant_raw(raw, {"method": {"name": method}})
@@ -43,7 +47,7 @@ def bench_command(
         torch.set_num_threads(threads)
     from ngkit.engine.bench import bench
 
-    report = bench(parsed, str(recipe), steps, warmup, base)
+    report = bench(parsed, str(recipe), steps, warmup, base, clock)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -55,7 +59,7 @@ def show(report: BenchReport) -> None:
     t = report.timing
     k = f", K = {t.samples}" if t.samples else ""
     console.print(f"[bold]{report.recipe}[/]: {t.method}, batch {report.batch}{k}, {report.device}, "
-                  f"median of {report.steps} steps after {report.warmup} warm-up")
+                  f"median of {report.steps} steps after {report.warmup} warm-up, {report.clock} clock")
     table = Table(title=f"{t.method}: where a step goes")
     table.add_column("phase")
     table.add_column("ms", justify="right")
@@ -64,7 +68,7 @@ def show(report: BenchReport) -> None:
         table.add_row(name, f"{ms:.1f}", f"{ms / t.step_ms:.0%}")
     table.add_row("[bold]step[/]", f"[bold]{t.step_ms:.1f}[/]", "")
     console.print(table)
-    console.print(f"images/s: {t.images_per_s:.1f}")
+    console.print(f"images/s: {t.images_per_s:.1f}" + (" (per CPU second)" if report.clock == "cpu" else ""))
     if t.floor_ms:
         parts = ", ".join(f"{n} {ms:.1f}" for n, ms in t.floor_parts_ms.items())
         console.print(f"floor: {t.floor_ms:.1f} ms ({parts}); step / floor: {t.step_over_floor:.2f}")

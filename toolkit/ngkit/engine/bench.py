@@ -13,7 +13,6 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +53,7 @@ class BenchReport:
     batch: int  # images per step on this rank (batch_size x accumulate)
     steps: int
     warmup: int
+    clock: str  # "wall" or "cpu" (this process's CPU time)
     timing: MethodTiming
     baseline: MethodTiming | None  # VQ-VAE on the same encoder and decoder
     peak_rss_mb: float  # the process's, since it started
@@ -74,23 +74,19 @@ def _median_ms(values: list[float]) -> float:
     return 1e3 * statistics.median(values)
 
 
-def _timed(fn: Any, repeats: int, device: torch.device) -> float:
+def _timed(fn: Any, repeats: int, timer: PhaseTimer) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
     times = []
     for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = timer.now()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(timer.now() - start)
     return statistics.median(times)
 
 
 def floor_parts(
-    encoder: Encoder, decoder: Decoder, samples: int, x: torch.Tensor, repeats: int, device: torch.device
+    encoder: Encoder, decoder: Decoder, samples: int, x: torch.Tensor, repeats: int, timer: PhaseTimer
 ) -> dict[str, float]:
     """Median seconds of each part of the floor on batch ``x`` with K = ``samples``."""
     z, _ = encoder.sample(x, samples)
@@ -103,17 +99,19 @@ def floor_parts(
         encoder.log_prob(x, z).logq.sum().backward()
 
     parts = {
-        "decoder fwd+bwd (K*B images)": _timed(decoder_pass, repeats, device),
-        "teacher-forced pass fwd+bwd": _timed(teacher_forced, repeats, device),
+        "decoder fwd+bwd (K*B images)": _timed(decoder_pass, repeats, timer),
+        "teacher-forced pass fwd+bwd": _timed(teacher_forced, repeats, timer),
     }
     if encoder.autoregressive:
-        parts["sampling K sequences"] = _timed(lambda: encoder.sample(x, samples), repeats, device)
+        parts["sampling K sequences"] = _timed(lambda: encoder.sample(x, samples), repeats, timer)
     encoder.zero_grad(set_to_none=True)
     decoder.zero_grad(set_to_none=True)
     return parts
 
 
-def time_method(recipe: Recipe, label: str, steps: int, warmup: int, device: torch.device, floor: bool) -> MethodTiming:
+def time_method(
+    recipe: Recipe, label: str, steps: int, warmup: int, device: torch.device, floor: bool, clock: str
+) -> MethodTiming:
     """Build ``recipe``'s method in a DeepSpeed engine and time ``steps`` steps after ``warmup``."""
     dtype = DTYPES[recipe.distributed.precision]
     seed_everything(recipe.run.seed)
@@ -122,7 +120,7 @@ def time_method(recipe: Recipe, label: str, steps: int, warmup: int, device: tor
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     batches = TrainBatches(built.dataset, recipe.data.batch_size, recipe.run.seed, rank, world, recipe.data.workers)
     plan = StepPlan.of(engine, recipe, device, dtype)
-    timer = PhaseTimer(device)
+    timer = PhaseTimer(device, clock)
     instrument(engine.module, engine.ngkit_optimizer, timer)
     totals, phases, images = [], [], 0
     for step in range(1, warmup + steps + 1):
@@ -146,7 +144,7 @@ def time_method(recipe: Recipe, label: str, steps: int, warmup: int, device: tor
     if floor and isinstance(encoder, Encoder) and isinstance(decoder, Decoder) and timing.samples:
         x = next(batches).to(device, dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            parts = floor_parts(encoder, decoder, timing.samples, x, steps, device)
+            parts = floor_parts(encoder, decoder, timing.samples, x, steps, timer)
         timing.floor_parts_ms = {n: 1e3 * s for n, s in parts.items()}
         timing.floor_ms = sum(timing.floor_parts_ms.values())
     return timing
@@ -158,15 +156,18 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def bench(recipe: Recipe, name: str, steps: int, warmup: int, baseline: Recipe | None) -> BenchReport:
-    """Time ``recipe``'s training step (and ``baseline``'s, in the same process) on its device."""
+def bench(
+    recipe: Recipe, name: str, steps: int, warmup: int, baseline: Recipe | None, clock: str = "wall"
+) -> BenchReport:
+    """Time ``recipe``'s training step (and ``baseline``'s, in the same process) on its device,
+    by wall time or this process's CPU time (``clock``, see :class:`PhaseTimer`)."""
     device = pick_device(recipe.run.device)
     set_accelerator_env(device)
     init_distributed(device, recipe.distributed.backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timing = time_method(recipe, recipe.method.name, steps, warmup, device, floor=True)
-    base = time_method(baseline, baseline.method.name, steps, warmup, device, floor=False) if baseline else None
+    timing = time_method(recipe, recipe.method.name, steps, warmup, device, True, clock)
+    base = time_method(baseline, baseline.method.name, steps, warmup, device, False, clock) if baseline else None
     return BenchReport(
         recipe=name,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -174,6 +175,7 @@ def bench(recipe: Recipe, name: str, steps: int, warmup: int, baseline: Recipe |
         batch=recipe.data.batch_size * recipe.optim.accumulate,
         steps=steps,
         warmup=warmup,
+        clock=clock,
         timing=timing,
         baseline=base,
         peak_rss_mb=peak_rss_mb(),

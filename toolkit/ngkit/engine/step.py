@@ -37,19 +37,23 @@ MODEL_PHASES = {
 
 
 class PhaseTimer:
-    """Wall seconds per named phase, exclusive of the phases timed inside it (on CUDA every
-    boundary synchronises, so kernels are charged to the phase that launched them)."""
+    """Seconds per named phase, exclusive of the phases timed inside it. ``clock="wall"``: wall
+    time (on CUDA every boundary synchronises, so kernels are charged to the phase that launched
+    them); ``"cpu"``: this process's CPU time, which other jobs on a shared CPU do not inflate."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f'clock must be "wall" or "cpu", got {clock!r}')
         self.seconds: dict[str, float] = defaultdict(float)
         self.sync = device.type == "cuda"
+        self._clock = time.perf_counter if clock == "wall" else time.process_time
         self._stack: list[list[Any]] = []  # [name, start of the current uninterrupted stretch]
 
     def now(self) -> float:
-        """``time.perf_counter()`` after the device's queued work is done."""
+        """The clock's reading after the device's queued work is done."""
         if self.sync:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return self._clock()
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
