@@ -116,3 +116,19 @@ def test_recipe_switches_denormal_flushing(flush):
         assert engine.enable_backward_allreduce is False  # one rank, ZeRO 0: nothing to average
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_adaptive_clipping_in_one_go_equals_one_parameter_at_a_time():
+    from ngkit.engine.gradients import adaptive_clip_, agc_scale
+
+    torch.manual_seed(0)
+    shapes = [(), (7,), (5, 3), (4, 2, 3, 3)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p, size in zip(params, (0.01, 3.0, 0.1, 3.0)):  # some units clipped, some not
+        p.grad = torch.randn_like(p) * size
+    scales = [agc_scale(p.detach(), p.grad, 0.5) for p in params]
+    assert any((s < 1).any() for s in scales) and any((s == 1).any() for s in scales)
+    expected = [p.grad * s for p, s in zip(params, scales)]
+    adaptive_clip_(params, 0.5)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=0)

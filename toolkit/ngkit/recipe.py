@@ -67,6 +67,7 @@ class OptimSection(Section):
     max_skipped_steps: int = Field(
         50, gt=0, description="consecutive non-finite steps tolerated before the run stops"
     )
+    fused: bool = Field(True, description="AdamW's fused kernel (4x faster on CPU); false: torch's foreach kernel")
 
 
 class ScheduleSection(Section):

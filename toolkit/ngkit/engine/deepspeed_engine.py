@@ -58,9 +58,8 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
     params = [p for p in method.parameters() if p.requires_grad]
     optim = recipe.optim
     cuda = bool(params) and params[0].is_cuda
-    fused = {"fused": True} if cuda else {}
     optimizer = GuardedAdamW(
-        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, **fused
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, fused=optim.fused
     )
     engine, _, _, _ = deepspeed.initialize(
         model=method,
