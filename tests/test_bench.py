@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import tomli_w
@@ -132,3 +135,19 @@ def test_adaptive_clipping_in_one_go_equals_one_parameter_at_a_time():
     adaptive_clip_(params, 0.5)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=0)
+
+
+def _imported_by(code: str) -> list[str]:
+    heavy = ("torch", "torchmetrics", "scipy", "matplotlib", "deepspeed")
+    probe = f"import sys\n{code}\nprint(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    env = {**os.environ, "NGKIT_PLUGINS": ""}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()
+
+
+def test_start_up_imports_stay_light():
+    """`ngkit --help` needs no torch; loading the plugins (`ngkit plugins`, `recipes validate`)
+    needs torch but not torchmetrics, scipy, matplotlib or DeepSpeed (docs/performance.md)."""
+    assert _imported_by("import ngkit.cli.main") == []
+    assert _imported_by("from ngkit.plugins import get_plugin_manager; get_plugin_manager()") == ["torch"]
