@@ -110,7 +110,7 @@ def floor_parts(
 
 
 def time_method(
-    recipe: Recipe, label: str, steps: int, warmup: int, device: torch.device, floor: bool, clock: str
+    recipe: Recipe, steps: int, warmup: int, device: torch.device, floor: bool, clock: str
 ) -> MethodTiming:
     """Build ``recipe``'s method in a DeepSpeed engine and time ``steps`` steps after ``warmup``."""
     dtype = DTYPES[recipe.distributed.precision]
@@ -134,7 +134,7 @@ def time_method(
             images += result.images
     names = sorted({n for p in phases for n in p}, key=lambda n: -sum(p.get(n, 0.0) for p in phases))
     timing = MethodTiming(
-        method=label,
+        method=recipe.method.name,
         step_ms=_median_ms(totals),
         phases_ms={n: _median_ms([p.get(n, 0.0) for p in phases]) for n in names},
         images_per_s=images / sum(totals),
@@ -166,8 +166,8 @@ def bench(
     init_distributed(device, recipe.distributed.backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timing = time_method(recipe, recipe.method.name, steps, warmup, device, True, clock)
-    base = time_method(baseline, baseline.method.name, steps, warmup, device, False, clock) if baseline else None
+    timing = time_method(recipe, steps, warmup, device, True, clock)
+    base = time_method(baseline, steps, warmup, device, False, clock) if baseline else None
     return BenchReport(
         recipe=name,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
