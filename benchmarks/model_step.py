@@ -1,5 +1,7 @@
-"""Time the model work of one DAPS step: drawing K codes per image, the teacher-forced log q
-(forward + backward) and the decoder on all K*B samples (forward + backward).
+"""Time the model work of one DAPS step without a dataset or an engine: drawing K codes per image,
+the teacher-forced log q (forward + backward) and the decoder on all K*B samples (forward +
+backward): the floor that ``ngkit bench`` compares a training step with, timed by the same code
+(:func:`ngkit.engine.bench.floor_parts`), for model sizes no CPU can train (ImageNet-256).
 
 Run (numbers in docs/models.md):
     .venv/bin/python benchmarks/model_step.py --config quickstart --batch 32 --samples 8 --threads 1
@@ -9,13 +11,12 @@ Run (numbers in docs/models.md):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
 from ngkit.components import ImageSpec, LatentSpec
+from ngkit.engine.bench import floor_parts
+from ngkit.engine.step import PhaseTimer
 from ngkit_plugins.attention import attention_backend
 from ngkit_plugins.conv_decoder import ConvDecoder
 from ngkit_plugins.transformer_encoder import TransformerEncoder
@@ -26,21 +27,6 @@ CONFIGS = {
 }
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time in seconds over ``repeats`` runs, after one warm-up run."""
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="quickstart")
@@ -49,6 +35,7 @@ def main() -> None:
     parser.add_argument("--factorised", action="store_true", help="DAPS-NA encoder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time")
     args = parser.parse_args()
     if args.threads:
         # On a busy machine one thread can beat several: the sampler's per-token ops are tiny,
@@ -62,29 +49,16 @@ def main() -> None:
     dec = ConvDecoder(image=image, latent=latent).to(device)
     x = torch.rand(args.batch, *image.shape, device=device)
     k = args.samples
-    z, _ = enc.sample(x, k)
-    x_k = x.expand(k, *x.shape).reshape(k * args.batch, *image.shape)
-
-    def teacher_forced() -> None:
-        enc.log_prob(x, z).logq.sum().backward()
-
-    def decoder() -> None:
-        dec.log_prob(x_k, dec(dec.embed(z.flatten(0, 1)))).sum().backward()
-
     print(f"config {args.config}: image {image.shape}, grid {latent.grid} "
           f"(L={latent.tokens}), V={latent.codes}")
     print(f"device {device}, torch threads {torch.get_num_threads()}, attention {attention_backend()}")
     print(f"B={args.batch} K={k} encoder {'factorised' if args.factorised else 'autoregressive'}")
     print(f"parameters: encoder {sum(p.numel() for p in enc.parameters()):,}, "
           f"decoder {sum(p.numel() for p in dec.parameters()):,}")
-    times = {
-        "sample K codes": timed(lambda: enc.sample(x, k), args.repeats, device),
-        "log q fwd+bwd": timed(teacher_forced, args.repeats, device),
-        "decoder fwd+bwd": timed(decoder, args.repeats, device),
-    }
+    times = floor_parts(enc, dec, k, x, args.repeats, PhaseTimer(device, args.clock))
     total = sum(times.values())
     for name, seconds in times.items():
-        print(f"{name:>16}: {seconds * 1e3:9.1f} ms  ({seconds / total:5.1%})")
+        print(f"{name:>30}: {seconds * 1e3:9.1f} ms  ({seconds / total:5.1%})")
 
 
 if __name__ == "__main__":

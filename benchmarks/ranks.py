@@ -49,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(ranks, threads, run(args.recipe, Path(tmp) / f"r{ranks}t{threads}", ranks, threads, args.batch,
                                      args.steps, args.extra)) for ranks, threads in ((1, 2), (1, 1), (2, 1))]
-    print(f"| ranks | threads per rank | global batch | images/s |\n|---|---|---|---|")
+    print("| ranks | threads per rank | global batch | images/s |\n|---|---|---|---|")
     for ranks, threads, rate in rows:
         print(f"| {ranks} | {threads} | {args.batch} | {rate:.1f} |")
     print(f"\ntwo ranks / one rank (2 threads): {rows[2][2] / rows[0][2]:.2f}x; "

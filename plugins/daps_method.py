@@ -46,10 +46,12 @@ class Daps(CategoricalVAE):
         split_dead_codes: int = 0,
         split_below: float = 0.1,
         split_noise: float = 0.1,
+        one_pass: bool = True,
     ) -> None:
         """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
         times their uniform share take over part of a used code (:class:`DeadCodeSplitter`);
-        0 (the paper) never."""
+        0 (the paper) never. ``one_pass``: draw the K codes from the logits of the teacher-forced
+        pass where the encoder can (factorised: one pass instead of two; docs/performance.md)."""
         if self.factorised_only and encoder.autoregressive:
             raise ValueError(
                 f'method "{self.name}" needs a factorised (non-autoregressive) encoder, but the '
@@ -61,6 +63,7 @@ class Daps(CategoricalVAE):
         super().__init__(encoder, decoder)
         self.beta = beta
         self.samples = samples
+        self.one_pass = one_pass
         self.proxy = proxy
         self.step_size = step_size  # an nn.Module policy becomes a submodule: its state is checkpointed
         self._last: tuple[Tensor, Tensor, float] | None = None
@@ -68,9 +71,12 @@ class Daps(CategoricalVAE):
 
     def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
         beta = float(self.beta(step))
-        z, _ = self.encoder.sample(x, self.samples)  # [K, B, L], no gradient
+        if self.one_pass:  # z [K, B, L] drawn without gradient, logq [K, B] with it
+            z, enc = self.encoder.sample_log_prob(x, self.samples)
+        else:
+            z, _ = self.encoder.sample(x, self.samples)
+            enc = self.encoder.log_prob(x, z)  # teacher-forced
         self.splitter.observe(z)
-        enc = self.encoder.log_prob(x, z)  # teacher-forced, logq [K, B] with gradient
         logp, _ = self.decoder_log_prob(x, z)  # [K, B]
         logp_sg, logq_sg = logp.detach(), enc.logq.detach()
 

@@ -27,7 +27,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, Register
@@ -175,6 +174,8 @@ def compute_reference_stats(
 ) -> ReferenceStats:
     """Statistics of the Inception features of ``batches`` (``[B, C, H, W]`` in [0, 1]) for
     ``mode = "reference"``; ``source`` says what the images are (dataset, split, N)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # seconds to import: only when FID runs
+
     inception = inception or LoadedInception.load(weights, feature_batch)
     accumulator = FrechetInceptionDistance(feature=inception.features, normalize=True).to(device)
     for images in batches:
@@ -228,6 +229,8 @@ class FidMetric:
                 f"{self.reference.weights_sha256}, but the weights loaded now have {self.inception.sha256}; "
                 f"FID between different feature networks is meaningless"
             )
+        from torchmetrics.image.fid import FrechetInceptionDistance  # seconds to import: only when FID runs
+
         self._fid = FrechetInceptionDistance(
             feature=self.inception.features, normalize=True, reset_real_features=True
         )

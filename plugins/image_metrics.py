@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, Register
@@ -122,6 +121,8 @@ class SsimMetric:
         self._images = 0
 
     def update(self, batch: EvalBatch) -> None:
+        from torchmetrics.functional.image import structural_similarity_index_measure  # seconds to import: only when SSIM runs
+
         if self._window is None:
             self._window = ssim_window(*batch.images.shape[-2:])
         k, sigma = self._window

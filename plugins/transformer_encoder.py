@@ -106,22 +106,30 @@ class TransformerEncoder(Encoder):
     def log_prob(self, x: Tensor, z: Tensor) -> TokenLogProb:
         """Teacher-forced log q(z|x) for ``z [B, L]`` or ``[K, B, L]`` (K samples per image,
         x encoded once); logits ``[..., L, V]`` are log-softmaxed."""
+        feats = self.features(x)
+        if not self.autoregressive:
+            return _factorised_score(self._factorised_logp(feats), z)
         squeeze = z.dim() == 2
         zk = z.unsqueeze(0) if squeeze else z
-        feats = self.features(x)
-        if self.autoregressive:
-            start = zk.new_full((zk.shape[1], zk.shape[0], 1), self.latent.codes)
-            prev = torch.cat([start, zk.transpose(0, 1)[..., :-1]], dim=-1)  # [B, K, L]
-            logp = self._teacher_forced(feats, prev).transpose(0, 1)
-            entropy = _entropy(logp)
-        else:
-            base = self._factorised_logp(feats)
-            logp = base.expand(zk.shape[0], *base.shape)
-            entropy = _entropy(base).expand(zk.shape)
+        start = zk.new_full((zk.shape[1], zk.shape[0], 1), self.latent.codes)
+        prev = torch.cat([start, zk.transpose(0, 1)[..., :-1]], dim=-1)  # [B, K, L]
+        logp = self._teacher_forced(feats, prev).transpose(0, 1)
+        entropy = _entropy(logp)
         if squeeze:
             logp, entropy = logp[0], entropy[0]
         token_logq = logp.gather(-1, z.unsqueeze(-1)).squeeze(-1)
         return TokenLogProb(logq=token_logq.sum(-1), logits=logp, entropy=entropy)
+
+    def sample_log_prob(self, x: Tensor, num_samples: int) -> tuple[Tensor, TokenLogProb]:
+        """Factorised: ``z`` drawn from the logits of the one pass that scores it (the same
+        numbers as ``sample`` then ``log_prob``, at the cost of one pass instead of two; with
+        dropout the draw sees the pass's dropout mask)."""
+        if self.autoregressive:
+            return super().sample_log_prob(x, num_samples)
+        base = self._factorised_logp(self.features(x))  # [B, L, V], with gradient
+        with torch.no_grad():
+            z = _draw_factorised(base.detach(), num_samples, 1.0)
+        return z, _factorised_score(base, z)
 
     @torch.no_grad()
     def sample(self, x: Tensor, num_samples: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -134,9 +142,7 @@ class TransformerEncoder(Encoder):
         feats = self.features(x)
         if not self.autoregressive:
             base = self._factorised_logp(feats)  # [B, L, V]
-            probs = _samplable((base / temperature).softmax(-1).flatten(0, 1))
-            z = torch.multinomial(probs, num_samples, replacement=True)  # [B*L, K]
-            z = z.view(*base.shape[:2], num_samples).permute(2, 0, 1).contiguous()
+            z = _draw_factorised(base, num_samples, temperature)
             logq = base.expand(num_samples, *base.shape).gather(-1, z.unsqueeze(-1)).squeeze(-1)
             return z, logq.sum(-1)
 
@@ -370,6 +376,21 @@ def _samplable(probs: Tensor) -> Tensor:
     if not bad.any():
         return probs
     return torch.where(bad, torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
+
+
+def _draw_factorised(base: Tensor, num_samples: int, temperature: float) -> Tensor:
+    """``z [K, B, L]`` from factorised log-probs ``base [B, L, V]`` raised to 1/temperature."""
+    probs = _samplable((base / temperature).softmax(-1).flatten(0, 1))
+    z = torch.multinomial(probs, num_samples, replacement=True)  # [B*L, K]
+    return z.view(*base.shape[:2], num_samples).permute(2, 0, 1).contiguous()
+
+
+def _factorised_score(base: Tensor, z: Tensor) -> TokenLogProb:
+    """Teacher-forced output for codes ``z [B, L]`` or ``[K, B, L]`` under ``base [B, L, V]``."""
+    logp = base if z.dim() == 2 else base.expand(z.shape[0], *base.shape)
+    entropy = _entropy(base).expand(z.shape)
+    token_logq = logp.gather(-1, z.unsqueeze(-1)).squeeze(-1)
+    return TokenLogProb(logq=token_logq.sum(-1), logits=logp, entropy=entropy)
 
 
 def _entropy(logp: Tensor) -> Tensor:

@@ -152,6 +152,13 @@ class Encoder(nn.Module):
         """Draw ``z [K, B, L]`` and its ``logq [K, B]`` without gradients (x encoded once)."""
         raise NotImplementedError
 
+    def sample_log_prob(self, x: Tensor, num_samples: int) -> tuple[Tensor, TokenLogProb]:
+        """Draw ``z [K, B, L]`` and its teacher-forced log q with gradient. By default
+        :meth:`sample` then :meth:`log_prob`; an encoder may draw from the very logits it scores
+        with (one pass instead of two)."""
+        z, _ = self.sample(x, num_samples)
+        return z, self.log_prob(x, z)
+
     def mode(self, x: Tensor) -> Tensor:
         """Greedy codes ``[B, L]`` (argmax token by token) for evaluation and export."""
         raise NotImplementedError

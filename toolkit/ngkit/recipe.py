@@ -68,6 +68,7 @@ class OptimSection(Section):
     max_skipped_steps: int = Field(
         50, gt=0, description="consecutive non-finite steps tolerated before the run stops"
     )
+    fused: bool = Field(True, description="AdamW's fused kernel (4x faster on CPU); false: torch's foreach kernel")
 
 
 class ScheduleSection(Section):
@@ -99,6 +100,7 @@ class DistributedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, else gloo")
+    flush_denormal: bool = Field(True, description="CPU: flush denormal floats to zero (faster; docs/performance.md)")
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="extra DeepSpeed config keys, merged last"
     )

@@ -23,11 +23,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
 from ngkit.errors import NgkitError
 
-if TYPE_CHECKING:  # torch loads only when a command runs: `ngkit --help` stays fast
+if TYPE_CHECKING:  # torch is imported where it is used: `ngkit --help` needs none of it
     import torch
     from torch import Tensor
+
+    Labelled = Iterator[tuple[Tensor, int | None]]  # (image [C, H, W], label or None)
 
 console = Console(stderr=True)
 META = "meta.json"
@@ -71,9 +74,9 @@ def write_shard(out: Path, index: int, fmt: str, codes: Tensor, labels: Tensor |
 
 
 def code_dtype(codes: int) -> torch.dtype:
+    """The smallest signed integer type holding codes 0..codes-1 (int16 up to 32,768 codes)."""
     import torch
 
-    """The smallest signed integer type holding codes 0..codes-1 (int16 up to 32,768 codes)."""
     return torch.int16 if codes <= 2**15 else torch.int32
 
 
@@ -88,9 +91,6 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
         yield batch
-
-
-Labelled = Iterator[tuple["Tensor", "int | None"]]  # (image [C, H, W], label or None)
 
 
 def dataset_items(dataset: Any, split: str, num_images: int | None, seed: int) -> tuple[Labelled, bool]:

@@ -18,7 +18,6 @@ from rich.table import Table
 
 from ngkit import versions
 from ngkit.errors import NgkitError
-from ngkit.priors.recipe import is_prior_recipe
 
 console = Console(stderr=True)
 DEFAULT_METRICS = ["psnr", "mse", "ssim", "usage"]
@@ -167,6 +166,8 @@ def eval_command(
                               batch_size=batch_size or 50)
         console.print(f"reference statistics written to {escape(str(out))}")
         return
+    from ngkit.priors.recipe import is_prior_recipe
+
     if (Path(target) / "recipe.toml").is_file() and is_prior_recipe(Path(target) / "recipe.toml"):
         from ngkit.priors.evaluate import eval_prior_run
 

@@ -19,7 +19,8 @@ from rich.markup import escape
 
 from ngkit import __version__
 from ngkit.cli import (
-    compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, prior_cmd, recipes_cmd, run_cmd, sample_cmd, weights_cmd,
+    bench_cmd, compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, prior_cmd, recipes_cmd, run_cmd, sample_cmd,
+    weights_cmd,
 )
 from ngkit.errors import NgkitError, RunStopped
 from ngkit.plugins import add_plugin_commands
@@ -41,6 +42,7 @@ app.command("export")(export_cmd.export_command)
 app.command("encode")(encode_cmd.encode_command)
 app.add_typer(prior_cmd.app, name="prior")
 app.command("sample")(sample_cmd.sample_command)
+app.command("bench")(bench_cmd.bench_command)
 
 err = Console(stderr=True)
 DEBUG = {"on": False}

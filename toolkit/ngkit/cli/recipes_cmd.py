@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ngkit.errors import NgkitError, RecipeError
-from ngkit.priors.recipe import is_prior_recipe, load_prior_recipe
 from ngkit.recipe import apply_overrides, parse_recipe, read_toml, variant_raw
 
 app = typer.Typer(help="List and validate recipes.", no_args_is_help=True)
@@ -48,6 +47,7 @@ def check_recipe(path: Path, overrides: list[str], gpu: bool) -> None:
     import torch
 
     from ngkit.engine.build import check_device, dry_build
+    from ngkit.priors.recipe import is_prior_recipe, load_prior_recipe
 
     if is_prior_recipe(path):  # a prior over a trained tokenizer's codes: its own schema
         load_prior_recipe(path, overrides)

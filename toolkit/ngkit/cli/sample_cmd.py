@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -29,6 +28,8 @@ def sample_command(
     score: bool = typer.Option(False, "--score", help="Also score class consistency (trains a pixel classifier)."),
 ) -> None:
     """Write an image grid PNG (one row per class), an .npz (codes, labels, images) and a .json."""
+    import torch
+
     from ngkit.priors.run import load_prior_run
     from ngkit.priors.samples import with_suffix, write_samples
     from ngkit.priors.scores import class_balanced_labels

@@ -57,9 +57,9 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
 
     params = [p for p in method.parameters() if p.requires_grad]
     optim = recipe.optim
-    fused = {"fused": True} if params and params[0].is_cuda else {}
+    cuda = bool(params) and params[0].is_cuda
     optimizer = GuardedAdamW(
-        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, **fused
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, fused=optim.fused
     )
     engine, _, _, _ = deepspeed.initialize(
         model=method,
@@ -67,6 +67,14 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)),
         config=deepspeed_config(recipe),
     )
+    if not cuda:
+        # Near-one-hot proxy weights leave CPU gradients below 1e-38 (denormal floats), whose
+        # arithmetic takes a slow path of the processor (docs/performance.md). Process-wide.
+        torch.set_flush_denormal(recipe.distributed.flush_denormal)
+    if torch.distributed.get_world_size() == 1 and recipe.distributed.zero_stage == 0 and engine.optimizer is optimizer:
+        # One rank: averaging over ranks is the identity, and DeepSpeed's reduction would copy
+        # every gradient into a flat buffer and give the parameters that got none zeros to step.
+        engine.enable_backward_allreduce = False
     if engine.optimizer is not optimizer:  # a ZeRO or bf16 wrapper steps ours
         optimizer.outer = engine.optimizer
     engine.ngkit_optimizer = optimizer  # the training loop's handle on the non-finite guard

@@ -60,8 +60,13 @@ def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float
     """Adaptive gradient clipping of the averaged gradients, in place, at any ZeRO stage.
 
     Must be called after the last backward of an optimiser step and before ``engine.step()``."""
-    for p in params:
-        grad = _full_grad(p)
+    params = list(params)
+    plain = [p for p in params if p.grad is not None and not hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id")]
+    if plain:
+        _clip_plain(plain, clip, eps)
+    held = {id(p) for p in plain}
+    for p in params:  # gradients DeepSpeed keeps (ZeRO 1-3, bf16): one parameter at a time
+        grad = None if id(p) in held else _full_grad(p)
         if grad is None:
             continue
         scale = agc_scale(_full_param(p), grad, clip, eps)
@@ -71,6 +76,20 @@ def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float
             from deepspeed.utils import safe_set_full_grad
 
             safe_set_full_grad(p, (grad.float() * scale).to(grad.dtype))
+
+
+def _clip_plain(params: list[torch.nn.Parameter], clip: float, eps: float) -> None:
+    """AGC of gradients held in ``p.grad`` (ZeRO 0): the per-unit norms of all parameters are
+    computed one tensor at a time, but compared and clamped in one go (a handful of ops in all
+    rather than a handful per parameter)."""
+    rows = [p.shape[0] if p.ndim > 1 else 1 for p in params]
+    norm = torch.linalg.vector_norm
+    w = torch.cat([norm(p.detach().float().reshape(r, -1), dim=1) for p, r in zip(params, rows)])
+    g = torch.cat([norm(p.grad.float().reshape(r, -1), dim=1) for p, r in zip(params, rows)])
+    scales = (w.clamp_min(eps) * clip / g.clamp_min(1e-6)).clamp(max=1.0).split(rows)
+    for p, r, scale in zip(params, rows, scales):
+        shape = (r,) + (1,) * (p.ndim - 1) if p.ndim > 1 else (1,) * p.ndim
+        p.grad.mul_(scale.reshape(shape).to(p.grad.dtype))
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -91,18 +110,23 @@ class GuardedAdamW(torch.optim.AdamW):
         self.outer: object | None = None
 
     def grads_finite(self) -> bool:
+        """This rank's gradients are all finite: one fused norm over every gradient (a NaN or an
+        infinity makes it non-finite; so does a norm past the float range, |g| ~ 1e19 in fp32)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return True
-        flags = torch.stack([torch.isfinite(g).all() for g in grads])
-        return bool(flags.all())
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def gradients_ok(self) -> bool:
+        """Every rank's loss and gradients are finite (one all-reduce); the same answer on all ranks."""
         from ngkit.engine.distributed import all_ranks_agree
 
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        ok = all_ranks_agree(self.loss_ok and self.grads_finite(), device)
+        return all_ranks_agree(self.loss_ok and self.grads_finite(), device)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        ok = self.gradients_ok()
         self.overflow = not ok
         if not ok:
             if self.outer is not None:

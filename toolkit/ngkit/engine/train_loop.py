@@ -26,15 +26,15 @@ from ngkit import __version__
 from ngkit.components import Encoder
 from ngkit.data import Position, TrainBatches, check_dataset
 from ngkit.engine import checkpoint
-from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, to_float, truncate_jsonl
+from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import evaluate
-from ngkit.engine.gradients import adaptive_clip_
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
 from ngkit.engine.signals import StopSignals
+from ngkit.engine.step import StepPlan, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import Recipe, recipe_to_dict
@@ -77,13 +77,6 @@ def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag is true on every rank (one all-reduce for all of them)."""
-    values = torch.tensor([float(f) for f in flags], device=device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
-    return [bool(v > 0) for v in values.tolist()]
-
-
 def train(
     recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = False,
     builder: Callable[[Recipe], Built] = build,
@@ -117,9 +110,7 @@ def train(
     checkpoint.check_shared_dir(out_dir, dist.rank)
     method = built.method.to(device=dist.device)
     engine = make_engine(method, recipe)
-    guard = engine.ngkit_optimizer
     method = engine.module
-    params = [p for p in method.parameters() if p.requires_grad]
     resolved = recipe_to_dict(recipe)
     trained = (resolved.get("method") or resolved.get("prior") or {}).get("name")  # what the recipe trains
     pm = get_plugin_manager()
@@ -199,54 +190,26 @@ def train(
     if main:
         pm.hook.on_train_start(run=run)
 
-    # ---- the loop: `accumulate` micro-batches per optimiser step
-    # DeepSpeed keeps bf16/fp16 weights (fp32 masters in the optimiser); autocast makes the
-    # float32 tensors that plugins create (statistics, embeddings) meet them in that precision.
-    autocast = torch.autocast(dist.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # ---- the loop: one optimiser step (`accumulate` micro-batches, see ngkit.engine.step) at a time
+    plan = StepPlan.of(engine, recipe, dist.device, dtype)
     window: dict[str, float] = defaultdict(float)
     window_steps, window_applied, skipped, consecutive_skips = 0, 0, 0, 0
     t_window, t_start, t_saved = time.perf_counter(), time.perf_counter(), time.perf_counter()
     step, saved_step, stop_signal, save_due = start_step, start_step if resume_tag else None, None, False
+
+    def save_overdue() -> bool:
+        return run_cfg.checkpoint_minutes > 0 and time.perf_counter() - t_saved > 60 * run_cfg.checkpoint_minutes
+
     with progress, StopSignals() as signals:
         for step in range(start_step + 1, run_cfg.steps + 1):
-            finite, micro_logs = True, []
-            for micro in range(optim_cfg.accumulate):
-                x = next(batches).to(dist.device, dtype, non_blocking=True)
-                try:
-                    with autocast:
-                        out, failure = engine(x, step), None
-                except Exception as exc:  # the other ranks must not wait for this one in a collective
-                    out, failure = None, exc
-                # One all-reduce settles what every rank must decide alike: did every forward run,
-                # is every loss finite, has any rank been asked to stop, is a timed save due.
-                overdue = run_cfg.checkpoint_minutes > 0 and time.perf_counter() - t_saved > 60 * run_cfg.checkpoint_minutes
-                loss_ok = failure is None and bool(torch.isfinite(out.loss).all())
-                all_ran, all_finite, no_stop, not_due = _agree(
-                    [failure is None, loss_ok, not signals.requested, not overdue], dist.device
-                )
-                if not all_ran:
-                    if failure is not None:
-                        raise failure
-                    raise TrainingError(f"another rank failed at step {step}; its log has the error")
-                finite = finite and all_finite
-                save_due = save_due or not not_due
-                if not no_stop and stop_signal is None:
-                    stop_signal = signals.name or "a signal to another rank"
-                # A non-finite loss still runs backward (DeepSpeed's collectives and micro-step
-                # counters must advance on every rank); the guard refuses its gradients below.
-                engine.backward(out.loss)
-                if micro < optim_cfg.accumulate - 1:
-                    engine.step()  # DeepSpeed only accumulates here
-                micro_logs.append(out.logs)
-            if optim_cfg.clip == "agc" and finite:
-                adaptive_clip_(params, optim_cfg.clip_value)
-            guard.loss_ok, guard.applied = finite, False
-            engine.step()
+            taken = train_step(engine, batches, step, plan, stop_requested=lambda: signals.requested,
+                               save_overdue=save_overdue)
+            save_due = save_due or taken.save_due
+            if taken.stop and stop_signal is None:
+                stop_signal = signals.name or "a signal to another rank"
             window_steps += 1
-            if guard.applied:
-                logs = {k: sum(to_float(m[k]) for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
-                logs.update({k: to_float(v) for k, v in method.after_step(step).items()})
-                for key, value in logs.items():
+            if taken.applied:
+                for key, value in taken.logs.items():
                     window[key] += value
                 window_applied += 1
                 consecutive_skips = 0
