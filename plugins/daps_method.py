@@ -50,7 +50,7 @@ class Daps(CategoricalVAE):
         split_below: float = 0.1,
         split_noise: float = 0.1,
         trust_region: float = 0.0,
-        trust_region_lr: float = 0.1,
+        trust_region_lr: float = 0.3,
         trust_region_init: float = 1.0,
     ) -> None:
         """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
