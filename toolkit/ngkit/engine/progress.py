@@ -83,7 +83,7 @@ class TrainProgress:
                 self.warned.add(kind)
                 self.progress.console.print(
                     f"[yellow]warning[/]: code collapse at step {step}: {reason}. The encoder uses a "
-                    "handful of codes; see docs/daps.md (collapse) for the levers."
+                    "handful of codes; levers in docs/daps.md, 'Code collapse monitor'."
                 )
         self.progress.update(
             self.task, completed=step, live="  ".join(f"{k} {v}" for k, v in self.live.items())
