@@ -146,7 +146,8 @@ class Daps(CategoricalVAE):
 
     def after_step(self, step: int) -> dict[str, float]:
         """Let the step-size policy adapt on the batch of the step just taken (with gradient
-        accumulation: the last micro-batch)."""
+        accumulation: the last micro-batch), measure the encoder's real step on it
+        (``encoder_kl``) and, with a trust region, take the dual step on α."""
         if self._last is None:
             return {}
         logp, logq, beta = self._last
