@@ -1,26 +1,58 @@
-"""β schedules: the weight of KL(q‖uniform prior) over training (METHOD.md step 10).
+"""β schedules: the weight of KL(q‖uniform prior) over training (docs/daps.md "β schedules").
 
-The paper anneals β exponentially (ImageNet 50 → 1, CIFAR-10 6 → 0.01, MNIST 0.5 → 0.01) over
-the whole run, as the reference's ``auto_exp_decay``: β(t) = start·(end/start)^(t/steps).
-β(step ≤ 0) = start and β(step ≥ steps) = end exactly; ``steps`` defaults to the run's
-``total_steps``.
+The paper anneals β exponentially over the whole run, as the reference's ``auto_exp_decay``:
+β(t) = start·(end/start)^(t/steps); ImageNet 50 → 1 (DAPS and DAPS-NA), CIFAR-10 6 → 0.01
+(DAPS) and 6 → 1 (DAPS-NA), MNIST 0.5 → 0.01. β(step ≤ 0) = start and β(step ≥ steps) = end
+exactly; ``steps`` defaults to the run's ``total_steps``.
+
+Every schedule takes ``relative``: ``"none"`` (the paper: β in nats) or ``"advantage_spread"``
+(β in units of the batch's reward spread, the mean over images of the standard deviation of
+log p(x|z) over the K samples), so one setting transfers across image sizes and run lengths
+while the decoder's rewards grow.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
 
 from ngkit import hookimpl
 from ngkit.components import Register
+from ngkit.engine.distributed import sum_over_ranks
+
+Relative = Literal["none", "advantage_spread"]
+RELATIVE = ("none", "advantage_spread")
+
+
+def _check_relative(name: str, relative: str) -> None:
+    if relative not in RELATIVE:
+        raise ValueError(f'beta schedule "{name}": relative must be one of {", ".join(RELATIVE)}, got {relative!r}')
+
+
+def reward_scale(schedule: Any, logp: Tensor) -> float:
+    """What the schedule's β is multiplied by for rewards ``logp [K, B]``: 1 for ``relative =
+    "none"`` (or a schedule without the option); for ``"advantage_spread"`` the mean over images
+    of std_k log p(x|z), averaged over ranks so every rank uses the same β (floored at 1e-6 nats
+    so identical samples do not zero β)."""
+    if getattr(schedule, "relative", "none") == "none":
+        return 1.0
+    spread = logp.detach().double().std(dim=0).mean().reshape(1)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return max(float(sum_over_ranks(spread)[0]) / world, 1e-6)
 
 
 class Constant:
     """A fixed β (1.0 is the plain ELBO)."""
 
-    def __init__(self, value: float = 1.0) -> None:
+    def __init__(self, value: float = 1.0, relative: Relative = "none") -> None:
         if not value >= 0:
             raise ValueError(f'beta schedule "constant": value must be >= 0, got {value}')
+        _check_relative("constant", relative)
         self.value = value
+        self.relative = relative
 
     def __call__(self, step: int) -> float:
         return self.value
@@ -31,7 +63,11 @@ class _Interpolated:
 
     name = ""
 
-    def __init__(self, *, start: float, end: float, steps: int | None = None, total_steps: int) -> None:
+    def __init__(
+        self, *, start: float, end: float, steps: int | None = None, relative: Relative = "none", total_steps: int
+    ) -> None:
+        _check_relative(self.name, relative)
+        self.relative = relative
         self.steps = total_steps if steps is None else steps
         if self.steps < 1:
             raise ValueError(f'beta schedule "{self.name}": steps must be >= 1, got {self.steps}')
@@ -63,13 +99,15 @@ class Exponential(_Interpolated):
 
     name = "exponential"
 
-    def __init__(self, *, start: float, end: float, steps: int | None = None, total_steps: int) -> None:
+    def __init__(
+        self, *, start: float, end: float, steps: int | None = None, relative: Relative = "none", total_steps: int
+    ) -> None:
         if not (start > 0 and end > 0):
             raise ValueError(
                 f'beta schedule "exponential": start and end must be > 0 (it interpolates log β), '
                 f'got {start}, {end}; use "linear" or "cosine" to reach 0'
             )
-        super().__init__(start=start, end=end, steps=steps, total_steps=total_steps)
+        super().__init__(start=start, end=end, steps=steps, relative=relative, total_steps=total_steps)
 
     def _interpolate(self, t: float) -> float:
         return math.exp(math.log(self.start) + t * (math.log(self.end) - math.log(self.start)))

@@ -34,6 +34,12 @@ class CategoricalVAE(Method):
         return self.encoder.mode(x)
 
     @torch.no_grad()
+    def sample_codes(self, x: Tensor) -> Tensor:
+        """One z ~ q(z|x) per image ``[B, L]``: the codes the DAPS reference code evaluates
+        (``ngkit eval --codes sample``), beside ``encode``'s argmax."""
+        return self.encoder.sample(x, 1)[0][0]
+
+    @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder.mean(self.decoder(self.decoder.embed(z)))
 

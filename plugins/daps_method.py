@@ -1,9 +1,10 @@
-"""DAPS and DAPS-NA (METHOD.md "One training step"; docs/daps.md maps each formula to code).
+"""DAPS and DAPS-NA (docs/daps.md is the spec and maps each formula to code).
 
 The encoder is a policy, the decoder log-likelihood its reward; the encoder is fitted by
 weighted maximum likelihood to the proxy posterior q~ over its own K samples, and no gradient
-flows through the sampled codes. Gradient clipping and skipping non-finite steps are the
-engine's job.
+flows through the sampled codes. Every step also measures the encoder's real step,
+``encoder_kl`` = KL(q_old ‖ q_new) per image; ``trust_region > 0`` bounds it (MPO's M-step).
+Gradient clipping and skipping non-finite steps are the engine's job.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from ngkit.components import (
     StepSizePolicy,
     host_logs,
 )
+from ngkit_plugins.beta_schedules import reward_scale
 from ngkit_plugins.categorical_vae import CategoricalVAE, DeadCodeSplitter
+from ngkit_plugins.trust_region import EncoderTrustRegion, token_kl
 
 
 class Daps(CategoricalVAE):
@@ -47,11 +50,18 @@ class Daps(CategoricalVAE):
         split_below: float = 0.1,
         split_noise: float = 0.1,
         one_pass: bool = True,
+        trust_region: float = 0.0,
+        trust_region_lr: float = 0.3,
+        trust_region_init: float = 1.0,
     ) -> None:
         """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
         times their uniform share take over part of a used code (:class:`DeadCodeSplitter`);
         0 (the paper) never. ``one_pass``: draw the K codes from the logits of the teacher-forced
-        pass where the encoder can (factorised: one pass instead of two; docs/performance.md)."""
+        pass where the encoder can (factorised: one pass instead of two; docs/performance.md).
+        ``trust_region``: bound ε in nats per image on the encoder's real step KL(q_old ‖ q_new),
+        enforced by a multiplier α (start ``trust_region_init``) learned by dual ascent at
+        ``trust_region_lr`` in log α (:class:`EncoderTrustRegion`); 0 (the paper) leaves the step
+        to the optimiser."""
         if self.factorised_only and encoder.autoregressive:
             raise ValueError(
                 f'method "{self.name}" needs a factorised (non-autoregressive) encoder, but the '
@@ -68,9 +78,15 @@ class Daps(CategoricalVAE):
         self.step_size = step_size  # an nn.Module policy becomes a submodule: its state is checkpointed
         self._last: tuple[Tensor, Tensor, float] | None = None
         self.splitter = DeadCodeSplitter(self.latent.codes, split_dead_codes, split_noise, split_below)
+        # (x, z, logits before the step) of the last batch: encoder_kl is measured on it after the
+        # step, and with a trust region the next step's penalty pulls back toward those logits.
+        self._step_batch: tuple[Tensor, Tensor, Tensor] | None = None
+        self._anchor: tuple[Tensor, Tensor, Tensor] | None = None
+        self.trust = (
+            EncoderTrustRegion(trust_region, trust_region_lr, trust_region_init) if trust_region > 0 else None
+        )
 
     def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
-        beta = float(self.beta(step))
         if self.one_pass:  # z [K, B, L] drawn without gradient, logq [K, B] with it
             z, enc = self.encoder.sample_log_prob(x, self.samples)
         else:
@@ -79,6 +95,9 @@ class Daps(CategoricalVAE):
         self.splitter.observe(z)
         logp, _ = self.decoder_log_prob(x, z)  # [K, B]
         logp_sg, logq_sg = logp.detach(), enc.logq.detach()
+        self._step_batch = (x.detach(), z, self._kl_view(enc.logits.detach()))
+        beta_schedule = float(self.beta(step))
+        beta = beta_schedule * reward_scale(self.beta, logp_sg)
 
         eta = self.step_size.eta(logp_sg, logq_sg, beta)
         proxy = self.proxy(logp_sg, logq_sg, eta, beta)
@@ -87,6 +106,9 @@ class Daps(CategoricalVAE):
         gen_loss = -logp.mean()
         loss = policy_loss + gen_loss
         self._last = (logp_sg, logq_sg, beta)
+        trust_stats = self._trust_region_penalty(self.trust) if self.trust is not None else {}
+        if trust_stats:
+            loss = loss + trust_stats["tr_penalty"]
 
         adv = proxy.advantages
         stats = {
@@ -103,19 +125,60 @@ class Daps(CategoricalVAE):
             "advantage_std": adv.std(dim=0).mean(),  # spread over the K samples of an image
             "weight_max": proxy.weights.amax(dim=0).mean(),
         }
+        stats.update(trust_stats)
         logs = host_logs(stats)
         logs["beta"] = beta
+        if beta != beta_schedule:
+            logs["beta_schedule"] = beta_schedule
         return StepOutput(loss=loss, logs=logs)
+
+    def _kl_view(self, logits: Tensor) -> Tensor:
+        """The logits KL(q_old ‖ q_new) needs: a factorised encoder's are the same for all K
+        samples, so one copy gives the exact KL; an autoregressive encoder's depend on z."""
+        return logits if self.encoder.autoregressive else logits[:1]
+
+    def _kl_codes(self, z: Tensor) -> Tensor:
+        return z if self.encoder.autoregressive else z[:1]
+
+    def _trust_region_penalty(self, trust: EncoderTrustRegion) -> dict[str, Tensor]:
+        """α·KL(q_prev ‖ q_θ) on the previous step's batch, with gradient into the encoder: q_prev
+        is the encoder before the previous step, so the KL is that step's real move and its
+        gradient pulls back against it (zero on the first step, where there is no previous one)."""
+        if self._anchor is None:
+            return {}
+        x_prev, z_prev, old_logits = self._anchor
+        new_logits = self.encoder.log_prob(x_prev, self._kl_codes(z_prev)).logits
+        kl = token_kl(old_logits, new_logits).mean()
+        return {"tr_penalty": trust.penalty(kl).float(), "tr_kl": kl.detach()}
 
     def after_step(self, step: int) -> dict[str, float]:
         """Let the step-size policy adapt on the batch of the step just taken (with gradient
-        accumulation: the last micro-batch)."""
+        accumulation: the last micro-batch), measure the encoder's real step on it
+        (``encoder_kl``) and, with a trust region, take the dual step on α."""
         if self._last is None:
             return {}
         logp, logq, beta = self._last
         self._last = None
         logs = self.step_size.update(logp, logq, beta)
+        logs.update(self._measure_step())
         return {**logs, **self.splitter.maybe_split(step, self.encoder, self.decoder)}
+
+    @torch.no_grad()
+    def _measure_step(self) -> dict[str, float]:
+        """``encoder_kl``: mean over the last batch of KL(q_old(·|x) ‖ q_new(·|x)) across the
+        optimiser step just taken (exact if factorised, sampled along z ~ q_old if
+        autoregressive); with a trust region it also takes the dual step on α."""
+        if self._step_batch is None:
+            return {}
+        x, z, old_logits = self._step_batch
+        self._step_batch = None
+        new_logits = self.encoder.log_prob(x, self._kl_codes(z)).logits
+        kl = token_kl(old_logits, new_logits).mean()
+        logs = {"encoder_kl": float(kl)}
+        if self.trust is not None:
+            logs.update(self.trust.update(kl))
+            self._anchor = (x, z, old_logits)
+        return logs
 
 
 class DapsNA(Daps):

@@ -1,4 +1,4 @@
-"""The DAPS proxy posterior q~ over the K samples of each image (METHOD.md step 5).
+"""The DAPS proxy posterior q~ over the K samples of each image (docs/daps.md, step 5 and "The proxy").
 
 q~(z|x) ∝ q(z|x)^(η/(η+β)) · exp(r(z)/(η+β)) solves max E_q~[r] − β·KL(q~‖uniform) subject
 to KL(q~‖q) ≤ ε, with η the multiplier of the trust region. On samples z_k ~ q the ratio is

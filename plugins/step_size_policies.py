@@ -1,4 +1,4 @@
-"""Step-size policies for the DAPS trust-region multiplier η (METHOD.md step 6).
+"""Step-size policies for the DAPS trust-region multiplier η (docs/daps.md, step 6 and "Step-size policies").
 
 Small η → large step (weights concentrate, ESS falls, KL(q~‖q) grows); large η → small step.
 Every policy returns η as a detached float64 scalar on the rewards' device, within

@@ -1,13 +1,19 @@
-"""β schedules: exact endpoints, shapes, monotonicity, constant after ``steps``."""
+"""β schedules: exact endpoints, shapes, monotonicity, constant after ``steps``; β relative to the
+reward spread."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
+from toy_models import toy_pair
 
 from ngkit.plugins import get_registry
-from ngkit_plugins.beta_schedules import Constant, Cosine, Exponential, Linear
+from ngkit_plugins.beta_schedules import Constant, Cosine, Exponential, Linear, reward_scale
+from ngkit_plugins.daps_method import DapsNA
+from ngkit_plugins.daps_proxy import DapsProxy, proxy_weights
+from ngkit_plugins.step_size_policies import FixedEta
 
 SHAPED = {"linear": Linear, "exponential": Exponential, "cosine": Cosine}
 
@@ -72,3 +78,34 @@ def test_invalid_options() -> None:
         Linear(start=1.0, end=0.0, steps=0, total_steps=10)
     with pytest.raises(ValueError, match=">= 0"):
         Cosine(start=-1.0, end=0.0, total_steps=10)
+
+
+def test_relative_beta_is_in_units_of_the_reward_spread() -> None:
+    """relative = "advantage_spread": β·(mean over images of std_k log p), so rewards scaled by
+    c (c× more pixels, or a sharper decoder) give c× the β and the same proxy weights."""
+    torch.manual_seed(0)
+    logp = torch.randn(8, 5, dtype=torch.float64) * 30 - 2000
+    schedule = Exponential(start=2.0, end=0.5, relative="advantage_spread", total_steps=10)
+    spread = logp.std(dim=0).mean().item()
+    assert reward_scale(schedule, logp) == pytest.approx(spread)
+    assert reward_scale(schedule, 10 * logp) == pytest.approx(10 * spread)
+    assert reward_scale(Exponential(start=2.0, end=0.5, total_steps=10), logp) == 1.0  # the paper's: nats
+    assert reward_scale(Constant(1.0, relative="advantage_spread"), logp.new_full((8, 5), -3.0)) == 1e-6
+    logq = torch.randn(8, 5, dtype=torch.float64) - 20
+    w = [
+        proxy_weights(c * logp, logq, eta=c * 1.0, beta=schedule(3) * reward_scale(schedule, c * logp)).weights
+        for c in (1.0, 10.0)
+    ]
+    torch.testing.assert_close(w[0], w[1])  # invariant with η in the same units
+    with pytest.raises(ValueError, match="relative must be one of none, advantage_spread"):
+        Linear(start=1.0, end=0.0, relative="pixels", total_steps=10)
+
+
+def test_daps_logs_the_scaled_beta() -> None:
+    torch.manual_seed(0)
+    encoder, decoder = toy_pair()
+    method = DapsNA(encoder=encoder, decoder=decoder, beta=Constant(0.5, relative="advantage_spread"),
+                    samples=8, proxy=DapsProxy(), step_size=FixedEta(10.0))
+    out = method(torch.rand(4, 1, 4, 4), step=1)
+    spread = method._last[0].double().std(dim=0).mean().item()
+    assert out.logs["beta_schedule"] == 0.5 and out.logs["beta"] == pytest.approx(0.5 * spread)

@@ -22,7 +22,7 @@ def _batch(k: int = 8, b: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 def _reference_weights(logp: torch.Tensor, logq: torch.Tensor, eta: float, beta: float) -> torch.Tensor:
-    """METHOD.md step 5, first form: softmax_k((A + η·logq)/(η+β) − logq), float64."""
+    """docs/daps.md step 5, the paper's form: softmax_k((A + η·logq)/(η+β) − logq), float64."""
     a = logp - torch.logsumexp(logp, dim=0, keepdim=True)
     return torch.softmax((a + eta * logq) / (eta + beta) - logq, dim=0)
 

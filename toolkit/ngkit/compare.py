@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ngkit.engine.artifacts import read_jsonl
+from ngkit.engine.progress import collapse_reason
 from ngkit.errors import NgkitError
 from ngkit.plugins import get_registry
 from ngkit.recipe import Recipe, apply_overrides, parse_recipe, variant_raw
@@ -75,7 +76,7 @@ def variants(raw: dict[str, Any], recipe: Recipe, labels: list[str] | None, sour
 
 def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
     row = dict(summary["metrics"])
-    for key in ("step", "train_seconds", "bits_per_image", "parameters", "images_per_s", "eta", "ess"):
+    for key in ("step", "train_seconds", "bits_per_image", "parameters", "images_per_s", "eta", "ess", "entropy", "codes"):
         row[key] = summary.get(key)
     return row
 
@@ -134,11 +135,12 @@ def run_compare(
             ips = [r["images_per_s"] for r in train_records if "images_per_s" in r]
             summary = dict(result.summary)
             summary["images_per_s"] = statistics.median(ips) if ips else None
-            for key in ("eta", "ess"):  # the step size where the method has one, at the end
+            for key in ("eta", "ess", "entropy"):  # where the method has them, at the end
                 last = [r[key] for r in train_records if key in r]
                 summary[key] = last[-1] if last else None
             row = {"variant": variant.label, "method": parsed.method.name, "seed": seed, "run_dir": str(run_dir),
                    "wall_seconds": time.perf_counter() - t0, **_flatten(summary)}
+            row["collapse"] = collapse_reason(row, row.get("codes"))
             rows.append(row)
     table = aggregate(rows)
     write_outputs(out, rows, table, seeds, steps, seconds, budgets)
@@ -156,6 +158,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if values:
                 entry[key] = statistics.fmean(values)
                 entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        collapsed = [r["collapse"] for r in group if r.get("collapse")]
+        entry["collapse"] = f"{len(collapsed)}/{len(group)} seeds" if collapsed else "no"
         table.append(entry)
     return table
 
@@ -170,11 +174,13 @@ def _cell(entry: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
+    """The results table; the last column flags runs whose codes collapsed (``collapse_reason``)."""
     cols = [c for c in COLUMNS if any(c[0] in e for e in table)]
-    lines = ["| variant | method | " + " | ".join(h for _, h, _ in cols) + " |"]
-    lines.append("|---|---|" + "---|" * len(cols))
+    lines = ["| variant | method | " + " | ".join(h for _, h, _ in cols) + " | collapse |"]
+    lines.append("|---|---|" + "---|" * (len(cols) + 1))
     for e in table:
-        lines.append(f"| {e['variant']} | {e['method']} | " + " | ".join(_cell(e, k, f) for k, _, f in cols) + " |")
+        cells = [_cell(e, k, f) for k, _, f in cols] + [e.get("collapse", "–")]
+        lines.append(f"| {e['variant']} | {e['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +257,7 @@ def show(table: list[dict[str, Any]]) -> None:
     t.add_column("variant")
     for _, header, _ in cols:
         t.add_column(header, justify="right")
+    t.add_column("collapse")
     for e in table:
-        t.add_row(e["variant"], *[_cell(e, k, f) for k, _, f in cols])
+        t.add_row(e["variant"], *[_cell(e, k, f) for k, _, f in cols], e.get("collapse", "–"))
     Console().print(t)

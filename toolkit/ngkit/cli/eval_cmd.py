@@ -1,6 +1,7 @@
 """``ngkit eval``: held-out metrics of a trained run, with the protocol next to every number.
 
     ngkit eval RUN_DIR --metric fid --metric psnr --metric usage
+    ngkit eval RUN_DIR --codes sample      # one z ~ q(z|x) per image instead of the argmax codes
     ngkit eval stats DATASET --out reference.npz
 """
 
@@ -48,6 +49,7 @@ def eval_run(
     inception_weights: Path | None,
     batch_size: int | None,
     mode: str | None = None,
+    codes: str = "argmax",
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the record also written to ``eval-<time>.json``."""
     from ngkit.engine.build import build_metrics
@@ -71,7 +73,7 @@ def eval_run(
     result = evaluate(
         loaded.engine.module, dataset, built_metrics, num_images=n,
         batch_size=batch_size or recipe.eval.batch_size, beta=beta, device=dist.device,
-        rank=dist.rank, world_size=dist.world_size,
+        rank=dist.rank, world_size=dist.world_size, codes=codes, seed=recipe.run.seed,  # type: ignore[arg-type]
     )
     record = {
         "run": str(loaded.run_dir),
@@ -80,6 +82,7 @@ def eval_run(
         "dataset": recipe.data.name,
         "split": split,
         "num_images": n,
+        "codes": codes,
         "seed": recipe.run.seed,
         "beta": beta,
         "values": result.values,
@@ -127,7 +130,7 @@ def write_reference_stats(
 
 
 def print_record(record: dict[str, Any]) -> None:
-    table = Table(title=f"{record['run']} @ {record['checkpoint']} ({record['split']}, N={record['num_images']})")
+    table = Table(title=f"{record['run']} @ {record['checkpoint']} ({record['split']}, N={record['num_images']}, {record.get('codes', 'argmax')} codes)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("protocol")
@@ -155,10 +158,13 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", help="With 'stats': the .npz to write."),
     mode: Optional[str] = typer.Option(None, "--mode", help="FID mode: rfid, reference or generation (a prior run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+    codes: str = typer.Option("argmax", "--codes", help="argmax (deterministic encode) or sample (one z ~ q(z|x) per image, seeded)."),
 ) -> None:
     """Evaluate a trained run on held-out images (or compute FID reference statistics)."""
     if split not in ("test", "train"):
         raise NgkitError(f"--split must be test or train, not {split!r}")
+    if codes not in ("argmax", "sample"):
+        raise NgkitError(f"--codes must be argmax or sample, not {codes!r}")
     if target == "stats":
         if dataset is None or out is None:
             raise NgkitError("usage: ngkit eval stats DATASET --out FILE.npz [--num-images N]")
@@ -183,7 +189,7 @@ def eval_command(
         raise NgkitError(f"--mode generation evaluates the samples of a prior run; {target} is a tokenizer run")
     record = eval_run(
         Path(target), metric, num_images=num_images, data=data, split=split, reference_stats=reference_stats,
-        inception_weights=inception_weights, batch_size=batch_size, mode=mode,
+        inception_weights=inception_weights, batch_size=batch_size, mode=mode, codes=codes,
     )
     if as_json:
         print(json.dumps(record, indent=2, default=str))

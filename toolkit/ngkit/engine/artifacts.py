@@ -85,8 +85,9 @@ def save_curves(path: Path, records: list[dict[str, Any]], title: str) -> None:
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    panels = [k for k in ("loss", "gen_loss", "policy_loss", "eta", "ess", "beta") if any(k in r for r in train)]
-    panels += [k for k in ("test/psnr", "test/usage") if any(k in r for r in evals)]
+    shown = ("loss", "gen_loss", "policy_loss", "eta", "ess", "beta", "kl", "encoder_kl", "entropy", "tr_alpha")
+    panels = [k for k in shown if any(k in r for r in train)]
+    panels += [k for k in ("test/psnr", "test/usage", "test/code_perplexity") if any(k in r for r in evals)]
     if not panels:
         return
     cols = min(3, len(panels))
@@ -97,7 +98,7 @@ def save_curves(path: Path, records: list[dict[str, Any]], title: str) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key.startswith("test/") else None, lw=1)
         ax.set_title(key)
         ax.set_xlabel("step")
-        if key in ("eta",):
+        if key in ("eta", "encoder_kl", "tr_alpha"):
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")

@@ -1,5 +1,5 @@
 """Live training display (rich): a progress bar with loss, η, ESS and held-out PSNR, then a
-final table. Only rank 0 shows it."""
+final table; a warning when the codes collapse. Only rank 0 shows it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,24 @@ console = Console(stderr=True, width=None if Console(stderr=True).is_terminal el
 
 SHOWN = ("loss", "eta", "ess", "beta")
 
+# Code collapse: the encoder has settled on a handful of codes. Per-token entropy below 0.1 nats
+# means the K samples of an image almost always coincide (DAPS's update then vanishes); a
+# held-out code perplexity below 2 % of the vocabulary (5 of 256) means a few codes carry
+# everything (FSQ reaches 7 % on the photos in 400 steps, collapsed DAPS-NA runs 1 %).
+COLLAPSE_ENTROPY = 0.1  # nats per token
+COLLAPSE_PERPLEXITY = 0.02  # fraction of the codes
+
+
+def collapse_reason(record: dict[str, Any], codes: int | None) -> str | None:
+    """Why a metrics record (train or eval) shows a collapse, or None."""
+    entropy = record.get("entropy")
+    if isinstance(entropy, float) and entropy < COLLAPSE_ENTROPY:
+        return f"per-token entropy {entropy:.3g} nats < {COLLAPSE_ENTROPY:g}"
+    perplexity = record.get("test/code_perplexity", record.get("code_perplexity"))
+    if isinstance(perplexity, float) and codes and perplexity < COLLAPSE_PERPLEXITY * codes:
+        return f"code perplexity {perplexity:.3g} < {COLLAPSE_PERPLEXITY:.0%} of {codes} codes"
+    return None
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -25,6 +43,8 @@ def _fmt(value: Any) -> str:
 class TrainProgress:
     def __init__(self, total: int, start: int, facts: dict[str, Any], enabled: bool) -> None:
         self.enabled = enabled
+        self.codes = facts.get("codes")
+        self.warned: set[str] = set()  # each kind of collapse is reported once
         self.live: dict[str, str] = {}
         self.progress = Progress(
             TextColumn("[bold]train"),
@@ -55,6 +75,16 @@ class TrainProgress:
                 self.live[key] = _fmt(record[key])
         if "test/psnr" in record:
             self.live["test psnr"] = f"{record['test/psnr']:.2f}"
+        reason = collapse_reason(record, self.codes)
+        if reason is not None:
+            self.live["collapse"] = "yes"
+            kind = reason.split(" ")[0]
+            if self.enabled and kind not in self.warned:
+                self.warned.add(kind)
+                self.progress.console.print(
+                    f"[yellow]warning[/]: code collapse at step {step}: {reason}. The encoder uses a "
+                    "handful of codes; levers in docs/daps.md, 'Code collapse monitor'."
+                )
         self.progress.update(
             self.task, completed=step, live="  ".join(f"{k} {v}" for k, v in self.live.items())
         )
