@@ -150,6 +150,16 @@ def mutated(draw: st.DrawFn) -> dict[str, Any]:
     return raw
 
 
+def validate_cleanly(tmp_path_factory, raw: dict[str, Any]) -> None:
+    """``ngkit recipes validate`` on ``raw`` written as TOML ends without a traceback."""
+    text = dumps(raw)
+    if text is None:
+        return
+    path = tmp_path_factory.mktemp("fuzz") / "r.toml"
+    path.write_text(text)
+    assert_clean(*run_cli(["recipes", "validate", str(path)]))
+
+
 def dumps(raw: dict[str, Any]) -> str | None:
     """TOML text, or None for data TOML cannot hold (e.g. a key path that is a value elsewhere)."""
     try:
@@ -161,12 +171,7 @@ def dumps(raw: dict[str, Any]) -> str | None:
 @FUZZ
 @given(raw=mutated())
 def test_mutated_recipes_never_give_a_traceback(tmp_path_factory, raw):
-    text = dumps(raw)
-    if text is None:
-        return
-    path = tmp_path_factory.mktemp("fuzz") / "r.toml"
-    path.write_text(text)
-    assert_clean(*run_cli(["recipes", "validate", str(path)]))
+    validate_cleanly(tmp_path_factory, raw)
 
 
 @st.composite
@@ -199,24 +204,14 @@ def option_edits(draw: st.DrawFn) -> dict[str, Any]:
 @FUZZ
 @given(raw=option_edits())
 def test_component_options_never_give_a_traceback(tmp_path_factory, raw):
-    text = dumps(raw)
-    if text is None:
-        return
-    path = tmp_path_factory.mktemp("fuzz") / "r.toml"
-    path.write_text(text)
-    assert_clean(*run_cli(["recipes", "validate", str(path)]))
+    validate_cleanly(tmp_path_factory, raw)
 
 
 @FUZZ
 @given(raw=st.dictionaries(st.sampled_from(NAMES[:8] + ["data", "model", "method", "run", "eval", "optim"]) | st.text(max_size=6),
                            values, max_size=6))
 def test_random_recipes_never_give_a_traceback(tmp_path_factory, raw):
-    text = dumps(raw)
-    if text is None:
-        return
-    path = tmp_path_factory.mktemp("fuzz") / "r.toml"
-    path.write_text(text)
-    assert_clean(*run_cli(["recipes", "validate", str(path)]))
+    validate_cleanly(tmp_path_factory, raw)
 
 
 @FUZZ
