@@ -13,7 +13,7 @@ import torch
 
 from ngkit.cli.main import main
 from ngkit.components import ImageSpec, LatentSpec
-from ngkit.engine.deepspeed_engine import make_engine
+from ngkit.engine.deepspeed_engine import denormal_mode, make_engine
 from ngkit.engine.distributed import init_distributed
 from ngkit.engine.gradients import GuardedAdamW
 from ngkit.engine.step import PhaseTimer
@@ -112,13 +112,16 @@ def test_recipe_switches_denormal_flushing(flush):
     init_distributed(torch.device("cpu"))
     from ngkit.engine.build import build
 
-    try:
-        engine = make_engine(build(recipe).method, recipe)
-        tiny_value = torch.tensor([1e-39]) * torch.tensor([1.0])  # a float32 denormal
-        assert (tiny_value.item() == 0.0) == flush
-        assert engine.enable_backward_allreduce is False  # one rank, ZeRO 0: nothing to average
-    finally:
-        torch.set_flush_denormal(False)
+    engine = make_engine(build(recipe).method, recipe)
+    assert engine.enable_backward_allreduce is False  # one rank, ZeRO 0: nothing to average
+
+    def flushed() -> bool:
+        return (torch.tensor([1e-39]) * torch.tensor([1.0])).item() == 0.0  # a float32 denormal
+
+    assert not flushed()
+    with denormal_mode(recipe, torch.device("cpu")):
+        assert flushed() == flush
+    assert not flushed()  # the process-wide setting is given back
 
 
 def test_adaptive_clipping_in_one_go_equals_one_parameter_at_a_time():

@@ -44,6 +44,8 @@ def test_run_writes_every_artifact(tmp_path):
     assert saved["bits_per_image"] == 16 * 4  # 4x4 tokens of log2(16) bits
     # β follows the exponential schedule: 0.5 at step 0 -> 0.01 at the last step
     assert summary["beta"] == pytest.approx(0.01)
+    # the run flushed denormals (the recipe's default) and gave the process its own setting back
+    assert (torch.tensor([1e-39]) * torch.tensor([1.0])).item() != 0.0
 
 
 def test_same_seed_same_run_on_cpu(tmp_path):

@@ -21,7 +21,7 @@ import torch
 from ngkit.components import Decoder, Encoder
 from ngkit.data import TrainBatches
 from ngkit.engine.build import build
-from ngkit.engine.deepspeed_engine import DTYPES, make_engine
+from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.step import PhaseTimer, StepPlan, instrument, train_step
 from ngkit.engine.train_loop import seed_everything
@@ -123,15 +123,16 @@ def time_method(
     timer = PhaseTimer(device, clock)
     instrument(engine.module, engine.ngkit_optimizer, timer)
     totals, phases, images = [], [], 0
-    for step in range(1, warmup + steps + 1):
-        timer.seconds.clear()
-        start = timer.now()
-        result = train_step(engine, batches, step, plan, timer=timer)
-        elapsed = timer.now() - start
-        if step > warmup:
-            totals.append(elapsed)
-            phases.append(dict(timer.seconds))
-            images += result.images
+    with denormal_mode(recipe, device):
+        for step in range(1, warmup + steps + 1):
+            timer.seconds.clear()
+            start = timer.now()
+            result = train_step(engine, batches, step, plan, timer=timer)
+            elapsed = timer.now() - start
+            if step > warmup:
+                totals.append(elapsed)
+                phases.append(dict(timer.seconds))
+                images += result.images
     names = sorted({n for p in phases for n in p}, key=lambda n: -sum(p.get(n, 0.0) for p in phases))
     timing = MethodTiming(
         method=recipe.method.name,

@@ -5,7 +5,9 @@ rank, so the global batch is ``batch_size x accumulate x world_size``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -67,10 +69,6 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)),
         config=deepspeed_config(recipe),
     )
-    if not cuda:
-        # Near-one-hot proxy weights leave CPU gradients below 1e-38 (denormal floats), whose
-        # arithmetic takes a slow path of the processor (docs/performance.md). Process-wide.
-        torch.set_flush_denormal(recipe.distributed.flush_denormal)
     if torch.distributed.get_world_size() == 1 and recipe.distributed.zero_stage == 0 and engine.optimizer is optimizer:
         # One rank: averaging over ranks is the identity, and DeepSpeed's reduction would copy
         # every gradient into a flat buffer and give the parameters that got none zeros to step.
@@ -80,6 +78,28 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
     engine.ngkit_optimizer = optimizer  # the training loop's handle on the non-finite guard
     _match_norm_statistics(engine.module)
     return engine
+
+
+def _denormals_flushed() -> bool:
+    """Whether the CPU treats denormal floats as zero now (a float32 denormal times one)."""
+    return float(torch.tensor([1e-39]) * torch.tensor([1.0])) == 0.0
+
+
+@contextlib.contextmanager
+def denormal_mode(recipe: Recipe, device: torch.device) -> Iterator[None]:
+    """Training on the CPU with ``[distributed] flush_denormal``: near-one-hot proxy weights leave
+    gradients below 1e-38 (denormal floats), whose arithmetic takes a slow path of the processor
+    (docs/performance.md). The setting is process-wide, so the caller's is restored afterwards
+    (libraries such as hypothesis refuse to run with denormals flushed)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = _denormals_flushed()
+    torch.set_flush_denormal(recipe.distributed.flush_denormal)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def _match_norm_statistics(module: torch.nn.Module) -> None:

@@ -28,7 +28,7 @@ from ngkit.data import Position, TrainBatches, check_dataset
 from ngkit.engine import checkpoint
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
 from ngkit.engine.build import Built, build, build_metrics
-from ngkit.engine.deepspeed_engine import DTYPES, make_engine
+from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import evaluate
 from ngkit.engine.progress import TrainProgress
@@ -200,7 +200,7 @@ def train(
     def save_overdue() -> bool:
         return run_cfg.checkpoint_minutes > 0 and time.perf_counter() - t_saved > 60 * run_cfg.checkpoint_minutes
 
-    with progress, StopSignals() as signals:
+    with progress, StopSignals() as signals, denormal_mode(recipe, dist.device):
         for step in range(start_step + 1, run_cfg.steps + 1):
             taken = train_step(engine, batches, step, plan, stop_requested=lambda: signals.requested,
                                save_overdue=save_overdue)
