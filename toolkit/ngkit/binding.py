@@ -21,6 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 from ngkit.components import CONTEXT_ARGS, Ref
 from ngkit.errors import NgkitError, RecipeError
 from ngkit.plugins import NOUNS, Registration, Registry, get_plugin_manager, get_registry
+from ngkit.recipe import dataset_options
 
 if typing.TYPE_CHECKING:
     from ngkit.recipe import Recipe
@@ -264,8 +265,8 @@ def tables_of(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
                        ("methods", ("method",)), ("beta_schedules", ("schedule", "beta"))):
         found = table(*path)
         if isinstance(found, dict):
-            if kind == "datasets":  # the core's data keys, not the dataset plugin's
-                found = {k: v for k, v in found.items() if k not in ("batch_size", "workers", "max_unreadable")}
+            if kind == "datasets":
+                found = dataset_options(found)
             tables.append((kind, found, ".".join(path)))
     metrics, options = table("eval", "metrics"), table("eval", "options")
     metrics = [m for m in metrics if isinstance(m, str)] if isinstance(metrics, list) else []

@@ -46,6 +46,13 @@ class DataSection(Component):
     )
 
 
+def dataset_options(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``[data]`` table as its dataset plugin sees it: ``name`` and the plugin's own options,
+    without the core's keys (batch size, workers, unreadable-image limit)."""
+    core = set(DataSection.model_fields) - {"name"}
+    return {k: v for k, v in data.items() if k not in core}
+
+
 class ModelSection(Section):
     codes: int = Field(gt=1, description="vocabulary size V of every token")
     patch_size: int = Field(gt=0, description="pixels per token side; tokens = (H/p)*(W/p)")
@@ -150,13 +157,14 @@ def _schema_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list[
     return list(model.model_fields)
 
 
-def _format_errors(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
+def format_errors(exc: ValidationError, schema: type[BaseModel]) -> list[str]:
+    """One problem line per pydantic error of ``schema`` (any recipe schema), with "did you mean"."""
     problems = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            allowed = _schema_fields(Recipe, loc[:-1])
+            allowed = _schema_fields(schema, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f'; did you mean "{close[0]}"?' if close else ""
             problems.append(f"[{key}] unknown key{hint} (allowed: {', '.join(allowed)})")
@@ -259,7 +267,7 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         located = tuple(".".join(str(p) for p in err["loc"]) for err in exc.errors())
-        problems = _format_errors(exc, raw) + check_recipe_components(raw, skip=located)
+        problems = format_errors(exc, Recipe) + check_recipe_components(raw, skip=located)
         raise RecipeError(source, problems) from None
     problems = check_recipe_components(recipe.model_dump())
     for label, partial in recipe.compare.variants.items():

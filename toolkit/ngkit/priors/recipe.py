@@ -12,7 +12,6 @@ problems are reported all at once, like every recipe's.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from ngkit.recipe import (
     ScheduleSection,
     Section,
     apply_overrides,
+    dataset_options,
+    format_errors,
     read_toml,
 )
 
@@ -63,25 +64,6 @@ class PriorRecipe(Section):
     eval: EvalSection = Field(default_factory=lambda: EvalSection(metrics=["usage", "distinct"], num_images=200))
 
 
-def _problems(exc: ValidationError) -> list[str]:
-    out = []
-    for err in exc.errors():
-        loc = err["loc"]
-        key = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
-            field = PriorRecipe.model_fields.get(str(loc[0])) if len(loc) > 1 else None
-            section = field.annotation if field is not None else PriorRecipe
-            allowed = list(getattr(section, "model_fields", PriorRecipe.model_fields))
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f'; did you mean "{close[0]}"?' if close else ""
-            out.append(f"[{key}] unknown key{hint} (allowed: {', '.join(allowed)})")
-        elif err["type"] == "missing":
-            out.append(f"[{key}] is required but missing")
-        else:
-            out.append(f"[{key}] {err['msg']}; found {err.get('input')!r}")
-    return out
-
-
 def _component_problems(raw: dict[str, Any]) -> list[str]:
     """The dataset, the prior and the metrics checked against their factories (from the raw
     tables, so that they are reported next to any schema problem)."""
@@ -89,8 +71,7 @@ def _component_problems(raw: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     data = raw.get("data")
     if isinstance(data, dict):
-        table = {k: v for k, v in data.items() if k not in DataSection.model_fields or k == "name"}
-        problems += check_component("datasets", table, "data", registry)
+        problems += check_component("datasets", dataset_options(data), "data", registry)
     prior = raw.get("prior")
     if isinstance(prior, dict):
         table = {k: v for k, v in prior.items() if k not in PRIOR_KEYS}
@@ -111,7 +92,7 @@ def parse_prior_recipe(raw: dict[str, Any], source: str) -> PriorRecipe:
     try:
         recipe, problems = PriorRecipe.model_validate(raw), []
     except ValidationError as exc:
-        recipe, problems = None, _problems(exc)
+        recipe, problems = None, format_errors(exc, PriorRecipe)
     problems += _component_problems(raw)
     if problems or recipe is None:
         raise RecipeError(source, problems)

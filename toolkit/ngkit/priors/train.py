@@ -11,6 +11,7 @@ from ngkit.errors import RecipeError
 from ngkit.priors.codes import CodeDataset, check_precision
 from ngkit.priors.recipe import PriorRecipe
 from ngkit.priors.trainer import prior_builder
+from ngkit.recipe import dataset_options
 from ngkit.tokenizer import Tokenizer, load
 
 
@@ -19,8 +20,7 @@ def code_dataset(recipe: PriorRecipe, source: str = "recipe") -> tuple[PriorReci
     absolute path, and the number of classes (so that sampling needs neither the data nor the cwd)."""
     tokenizer_path = Path(recipe.prior.tokenizer).resolve()
     tokenizer = load(tokenizer_path)
-    data = {k: v for k, v in recipe.data.model_dump().items() if k not in ("batch_size", "workers", "max_unreadable")}
-    codes = CodeDataset(tokenizer, build_component("datasets", data, {}, "data"))
+    codes = CodeDataset(tokenizer, build_component("datasets", dataset_options(recipe.data.model_dump()), {}, "data"))
     if recipe.prior.classes is not None and recipe.prior.classes != codes.classes:
         raise RecipeError(source, [
             f"[prior.classes] is {recipe.prior.classes} but the dataset has {codes.classes} classes; remove the key "
