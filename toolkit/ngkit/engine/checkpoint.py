@@ -59,7 +59,7 @@ def check_shared_dir(out_dir: Path, rank: int) -> None:
         seen = probe.read_text() == token_list[0]
     except OSError:
         seen = False
-    if not all_ranks_agree(seen):
+    if not all_ranks_agree(seen)[0]:
         raise NgkitError(
             f"the run directory {out_dir} is not shared by all ranks (a node-local disk?): rank 0 wrote "
             f"{probe.name} there and some rank cannot read it. Put --out on a filesystem every node mounts "
@@ -118,35 +118,32 @@ def problem(path: Path) -> str | None:
     return None
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags of the checkpoints that check out, newest first."""
-    tags = sorted((p.name for p in ckpt_dir.glob("step-*") if p.is_dir()), reverse=True)
-    return [t for t in tags if problem(ckpt_dir / t) is None]
+def _step_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of the step directories in ``ckpt_dir``, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.glob("step-*") if p.is_dir()), reverse=True)
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; never the last complete one."""
+    """Keep the newest ``keep`` complete checkpoints (all when ``keep`` <= 0); incomplete ones do
+    not count, so the newest complete one is never deleted."""
     if keep <= 0:
         return
-    good = complete_tags(ckpt_dir)
-    for tag in good[max(keep, 1):]:
+    good = [t for t in _step_tags(ckpt_dir) if problem(ckpt_dir / t) is None]
+    for tag in good[keep:]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
-def newest_complete(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint; warns about each newer one it skips."""
-    tags = sorted((p.name for p in ckpt_dir.glob("step-*") if p.is_dir()), reverse=True)
-    for tag in tags:
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The checkpoint to load: the newest complete one, warning about each newer one it skips
+    (``latest`` is only a pointer for people)."""
+    for tag in _step_tags(ckpt_dir):
         why = problem(ckpt_dir / tag)
         if why is None:
             return tag
         warnings.warn(f"skipping checkpoint {ckpt_dir / tag}: {why}", stacklevel=2)
     return None
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The checkpoint to load: the newest complete one (``latest`` is only a pointer for people)."""
-    return newest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -55,7 +55,7 @@ def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
     process should use, read from whichever launcher started it; empty for a plain process."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or set by hand
-        out = {k: env[k] for k in ("RANK", "WORLD_SIZE") }
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
         out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in env:
@@ -141,12 +141,13 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_ranks_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True when ``flag`` is true on every rank (one all-reduce); the same answer on all ranks."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+def all_ranks_agree(*flags: bool, device: torch.device | str = "cpu") -> list[bool]:
+    """For each flag, whether it is true on every rank: one all-reduce for all of them, and the
+    same answers on every rank."""
+    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item() > 0)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
+    return [bool(v > 0) for v in values.tolist()]
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:

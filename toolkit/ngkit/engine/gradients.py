@@ -40,8 +40,13 @@ def _full_param(p: torch.nn.Parameter) -> Tensor:
     return p.detach().float()
 
 
+def _in_p_grad(p: torch.nn.Parameter) -> bool:
+    """The averaged gradient is ``p.grad`` itself (ZeRO 0 fp32), not a DeepSpeed partition."""
+    return p.grad is not None and not hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id")
+
+
 def _full_grad(p: torch.nn.Parameter) -> Tensor | None:
-    if p.grad is not None and not hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id"):
+    if _in_p_grad(p):
         return p.grad
     from deepspeed.utils import safe_get_full_grad
 
@@ -61,12 +66,11 @@ def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float
 
     Must be called after the last backward of an optimiser step and before ``engine.step()``."""
     params = list(params)
-    plain = [p for p in params if p.grad is not None and not hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id")]
+    plain = [p for p in params if _in_p_grad(p)]
     if plain:
         _clip_plain(plain, clip, eps)
-    held = {id(p) for p in plain}
     for p in params:  # gradients DeepSpeed keeps (ZeRO 1-3, bf16): one parameter at a time
-        grad = None if id(p) in held else _full_grad(p)
+        grad = None if _in_p_grad(p) else _full_grad(p)
         if grad is None:
             continue
         scale = agc_scale(_full_param(p), grad, clip, eps)
@@ -122,7 +126,7 @@ class GuardedAdamW(torch.optim.AdamW):
         from ngkit.engine.distributed import all_ranks_agree
 
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        return all_ranks_agree(self.loss_ok and self.grads_finite(), device)
+        return all_ranks_agree(self.loss_ok and self.grads_finite(), device=device)[0]
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

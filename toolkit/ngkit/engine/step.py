@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ngkit.engine.artifacts import to_float
+from ngkit.engine.distributed import all_ranks_agree
 from ngkit.engine.gradients import adaptive_clip_
 from ngkit.errors import TrainingError
 from ngkit.recipe import Recipe
@@ -125,13 +126,6 @@ class StepResult:
     images: int  # images this rank trained on
 
 
-def _agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag is true on every rank (one all-reduce for all of them)."""
-    values = torch.tensor([float(f) for f in flags], device=device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
-    return [bool(v > 0) for v in values.tolist()]
-
-
 def train_step(
     engine: Any,
     batches: Iterator[Tensor],
@@ -162,8 +156,8 @@ def train_step(
             # One all-reduce settles what every rank must decide alike: did every forward run,
             # is every loss finite, has any rank been asked to stop, is a timed save due.
             loss_ok = failure is None and bool(torch.isfinite(out.loss).all())
-            all_ran, all_finite, no_stop, not_due = _agree(
-                [failure is None, loss_ok, not stop_requested(), not save_overdue()], plan.device
+            all_ran, all_finite, no_stop, not_due = all_ranks_agree(
+                failure is None, loss_ok, not stop_requested(), not save_overdue(), device=plan.device
             )
         if not all_ran:
             if failure is not None:
