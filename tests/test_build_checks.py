@@ -5,7 +5,6 @@ and the recipe key, and unknown options are usage errors."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import tomli_w
 import torch
 
 import broken_plugins
+from child_processes import free_port
 from ngkit.cli.main import main, plugin_error
 from ngkit.plugins import temporary_plugin
 from tiny_recipe import tiny
@@ -165,9 +165,7 @@ def test_plugin_error_under_torchrun_names_the_plugin_and_fails(tmp_path):
     skip = {"NGKIT_PLUGINS", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in skip}
     env.update(PYTHONPATH=os.pathsep.join([str(site), str(TESTS)]), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "ngkit.cli.main", "run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,6 @@ decoding to exactly what ``ngkit eval`` reconstructs."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from ngkit.engine.train_loop import train
 from ngkit.export import export
 from ngkit.recipe import parse_recipe
 from ngkit_plugins.embedded_data import Digits
-from test_multi_rank import free_port
+from child_processes import child_env, free_port
 from tiny_recipe import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,8 +108,7 @@ def test_images_of_another_size_are_refused(run_dir, tmp_path, capsys):
 
 def test_two_ranks_share_the_shards(run_dir, tmp_path):
     args = ["encode", str(run_dir / "export"), "--data", "digits", "--split", "test", "--shard-size", "64", "--quiet"]
-    skip = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {**{k: v for k, v in os.environ.items() if k not in skip}, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "ngkit.cli.main", *args, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,6 @@ the export is deterministic, holds no training state, and loads without DeepSpee
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import ngkit
+from child_processes import child_env, free_port
 from ngkit.cli.main import main
 from ngkit import data
 from ngkit.engine.load import load_run
@@ -27,12 +27,6 @@ from tiny_recipe import tiny
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHORT = {"run": {"steps": 4, "eval_every": 0, "checkpoint_every": 0}, "eval": {"metrics": ["mse"], "num_images": 16}}
-
-
-def child_env() -> dict[str, str]:
-    """The environment for a child process, without this process's own process-group variables."""
-    skip = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    return {**{k: v for k, v in os.environ.items() if k not in skip}, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +144,6 @@ if torch.distributed.get_rank() == 0:
 @pytest.mark.slow
 def test_two_rank_zero3_run_exports_to_the_trained_model(tmp_path):
     import tomli_w
-    from test_multi_rank import free_port
 
     raw = tiny(distributed={"zero_stage": 3}, optim={"clip": "norm"}, **SHORT)
     (tmp_path / "tiny.toml").write_text(tomli_w.dumps(raw))
@@ -158,7 +151,7 @@ def test_two_rank_zero3_run_exports_to_the_trained_model(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(tmp_path / "script.py"), str(tmp_path / "tiny.toml"), str(out)]
-    proc = subprocess.run(cmd, env={**child_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (out / "checkpoints" / "step-00000004" / "mp_rank_00_model_states.pt").exists()  # partitioned
     want = torch.load(out / "trained_outputs.pt")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +12,13 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from child_processes import child_env as clean_env
+from child_processes import free_port
 from image_sets import write_parquet
 from ngkit.engine.artifacts import read_jsonl
 from ngkit.engine.distributed import first_slurm_host, launcher_env
 from ngkit.errors import NgkitError
 from tiny_recipe import tiny
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "NGKIT_PLUGINS": "", **extra}
 
 
 def ngkit_run(recipe: Path, out: Path) -> list[str]:

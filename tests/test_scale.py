@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from child_processes import child_env, free_port
 from fault_plugins import fault_plugin
 from image_sets import write_imagefolder, write_parquet
 from ngkit.engine import checkpoint
@@ -31,12 +31,6 @@ TESTS = Path(__file__).parent
 REPO = TESTS.parent
 STAGES = [0, 1, 2, 3]
 TOL = 1e-5  # two ranks sum gradients in another order than one rank: float32 rounding only
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fsq(stage: int, batch: int, clip: str = "none", clip_value: float = 1.0, poison: tuple[int, ...] = (),
@@ -107,8 +101,7 @@ def two_ranks(tmp_path_factory) -> Path:
     for i, job in enumerate(jobs):
         job["status"] = str(root / f"job{i}")
     (root / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "NGKIT_PLUGINS": "",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(TESTS / "rank_worker.py"), str(root / "jobs.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

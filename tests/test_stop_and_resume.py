@@ -5,9 +5,7 @@ Signals are sent only once a run has logged a training step (never while it may 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from child_processes import child_env, free_port
 from ngkit.engine import checkpoint
 from ngkit.engine.artifacts import read_jsonl
 from ngkit.engine.train_loop import train
@@ -35,14 +34,9 @@ def slow_recipe(tmp_path: Path, steps: int = 400, seconds: float = 0.3) -> Path:
     return path
 
 
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**base, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "NGKIT_PLUGINS": "", **extra}
-
-
 def start(args: list[str], **extra: str) -> subprocess.Popen:
     """``ngkit`` with the test plugins, in its own process."""
-    return subprocess.Popen([sys.executable, str(TESTS / "fault_plugins.py"), *args], env=env(**extra),
+    return subprocess.Popen([sys.executable, str(TESTS / "fault_plugins.py"), *args], env=child_env(**extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -93,9 +87,7 @@ def test_a_second_signal_stops_at_once(tmp_path):
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     """Two processes as srun starts them; only rank 1 is signalled. Both save and exit 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     out, recipe = tmp_path / "run", slow_recipe(tmp_path, seconds=0.2)
     procs = [start(["run", str(recipe), "--out", str(out), "--quiet"], SLURM_PROCID=str(r), SLURM_LOCALID=str(r),
                    SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in (0, 1)]
