@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ngkit import hookimpl
 from ngkit.components import Register
-from ngkit.engine.distributed import sum_over_ranks
+from ngkit.engine.distributed import mean_over_ranks
 
 Relative = Literal["none", "advantage_spread"]
 RELATIVE = ("none", "advantage_spread")
@@ -40,8 +40,7 @@ def reward_scale(schedule: Any, logp: Tensor) -> float:
     if getattr(schedule, "relative", "none") == "none":
         return 1.0
     spread = logp.detach().double().std(dim=0).mean().reshape(1)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return max(float(sum_over_ranks(spread)[0]) / world, 1e-6)
+    return max(float(mean_over_ranks(spread)[0]), 1e-6)
 
 
 class Constant:

@@ -9,12 +9,12 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngkit import hookimpl
 from ngkit.components import BetaSchedule, Decoder, Encoder, ImageSpec, Register, StepOutput, host_logs
+from ngkit.engine.distributed import mean_over_ranks
 from ngkit_plugins.categorical_vae import CategoricalVAE
 
 KL_BAND = 1.5  # PPO-penalty: adapt when KL leaves [target/1.5, target*1.5] (Schulman et al. 2017, §4)
@@ -210,9 +210,7 @@ class PPO(CategoricalVAE):
         rollout, kl = self._pending
         self._pending = None
         self._stored.append(rollout)
-        if dist.is_available() and dist.is_initialized():  # one coefficient on every rank
-            dist.all_reduce(kl)
-            kl /= dist.get_world_size()
+        kl = mean_over_ranks(kl)  # one coefficient on every rank
         self.kl_coef.fill_(adapt_kl_coef(self.kl_coef.item(), kl.item(), self.kl_target))
         return {"kl_coef": self.kl_coef.item()}
 

@@ -12,11 +12,11 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ngkit import hookimpl
 from ngkit.components import Register
+from ngkit.engine.distributed import mean_over_ranks
 from ngkit_plugins.daps_proxy import proxy_weights, sample_kl, weight_logits
 
 # Range of η (nats of reward per nat of KL). At 1e-3 a reward gap of 0.05 nats already gives
@@ -139,10 +139,7 @@ class LearnedEssEta(nn.Module):
             ess = proxy_weights(logp, logq, log_eta.exp(), beta).ess
             loss = (ess - self.target * k) ** 2
             (grad,) = torch.autograd.grad(loss, log_eta)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-            grad = grad / dist.get_world_size()
-        self._adam_step(grad.to(self.log_eta.device))
+        self._adam_step(mean_over_ranks(grad).to(self.log_eta.device))
         return {"eta_loss": loss.item()}
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ngkit.engine.distributed import sum_over_ranks
+from ngkit.engine.distributed import mean_over_ranks
 
 # Range of the multiplier α (nats of policy loss per nat of KL); the upper end stops a run whose
 # bound cannot be met from overflowing, the lower one lets log α come back within ~20 updates.
@@ -37,12 +37,6 @@ def token_kl(old_logits: Tensor, new_logits: Tensor) -> Tensor:
     old, new = old_logits.double(), new_logits.double()
     per_token = (old.exp() * (old - new)).sum(-1)  # [K, B, L]
     return per_token.sum(-1).mean(0)
-
-
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """A scalar averaged over ranks (float64), so every rank takes the same dual step."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return sum_over_ranks(value.detach().double().reshape(1))[0] / world
 
 
 class EncoderTrustRegion(nn.Module):
@@ -83,7 +77,7 @@ class EncoderTrustRegion(nn.Module):
 
     @torch.no_grad()
     def update(self, measured_kl: Tensor) -> dict[str, float]:
-        kl = mean_over_ranks(measured_kl).to(self.log_alpha.device)
+        kl = mean_over_ranks(measured_kl.detach().double().reshape(1))[0].to(self.log_alpha.device)  # same dual step on every rank
         ratio = (kl / self.bound).clamp_min(KL_RATIO_MIN)
         self.log_alpha.add_(self.lr * ratio.log()).clamp_(math.log(ALPHA_MIN), math.log(ALPHA_MAX))
         return {"tr_alpha": self.alpha}

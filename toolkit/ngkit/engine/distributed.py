@@ -150,6 +150,13 @@ def all_ranks_agree(*flags: bool, device: torch.device | str = "cpu") -> list[bo
     return [bool(v > 0) for v in values.tolist()]
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over all ranks (a copy): what every rank uses for a shared statistic or
+    state update, so that all ranks stay identical."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return sum_over_ranks(values) / world
+
+
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """``values`` summed over all ranks (a copy; the local state is left as it is)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
