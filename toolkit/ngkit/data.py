@@ -94,8 +94,8 @@ class _Batches(IterableDataset):
                     bad.append((name, f"{type(exc).__name__}: {exc}"))
                     continue
                 images.append(_check(img, self.shape, f"training image {name!r} of rank {self.rank}"))
-            empty = torch.empty((0, *self.shape))
-            yield {"images": torch.stack(images) if images else empty, "end": chunk[-1][1], "read": len(chunk), "bad": bad}
+            stacked = torch.stack(images) if images else torch.empty((0, *self.shape))  # all unreadable
+            yield {"images": stacked, "end": chunk[-1][1], "read": len(chunk), "bad": bad}
 
 
 @dataclass
