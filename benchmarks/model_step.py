@@ -17,7 +17,7 @@ import torch
 from ngkit.components import ImageSpec, LatentSpec
 from ngkit.engine.bench import floor_parts
 from ngkit.engine.step import PhaseTimer
-from ngkit_plugins.attention import attention_backend
+from ngkit.nn import attention_backend
 from ngkit_plugins.conv_decoder import ConvDecoder
 from ngkit_plugins.transformer_encoder import TransformerEncoder
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ngkit import hookimpl
 from ngkit.components import Register
-from ngkit.engine.distributed import mean_over_ranks
+from ngkit.distributed import mean_over_ranks
 
 Relative = Literal["none", "advantage_spread"]
 RELATIVE = ("none", "advantage_spread")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, LatentSpec, Register
-from ngkit.engine.distributed import sum_over_ranks
+from ngkit.distributed import sum_over_ranks
 from ngkit.errors import NgkitError
 
 

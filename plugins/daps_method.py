@@ -27,8 +27,8 @@ from ngkit.components import (
     host_logs,
 )
 from ngkit_plugins.beta_schedules import reward_scale
-from ngkit_plugins.categorical_vae import CategoricalVAE, DeadCodeSplitter
-from ngkit_plugins.trust_region import EncoderTrustRegion, token_kl
+from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
+from ngkit.methods.trust_region import EncoderTrustRegion, token_kl
 
 
 class Daps(CategoricalVAE):

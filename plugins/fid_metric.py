@@ -12,7 +12,7 @@ it is (``protocol()["mode"]``):
   such a file with :func:`compute_reference_stats` (``ngkit eval stats``).
 
 Features are the 2048-d pool features of pytorch-fid's Inception-v3
-(:mod:`ngkit_plugins.inception`), accumulated by torchmetrics' ``FrechetInceptionDistance``
+(:mod:`ngkit.metrics.inception`), accumulated by torchmetrics' ``FrechetInceptionDistance``
 in float64 (feature sums and sums of outer products, synced across ranks on compute).
 """
 
@@ -32,7 +32,7 @@ from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, Register
 from ngkit.errors import DataError, NgkitError, WeightsError
 from ngkit.weights import find_weights, load_weights, sha256_of
-from ngkit_plugins.inception import FEATURE_DIM, INPUT_SIZE, FIDInceptionV3
+from ngkit.metrics.inception import FEATURE_DIM, INPUT_SIZE, FIDInceptionV3
 
 RESIZE = f"bilinear to {INPUT_SIZE}x{INPUT_SIZE} (align_corners=False, no antialiasing), [0,1]→[-1,1]"
 NETWORK = "Inception-v3 (TF inception-2015-12-05, pytorch-fid port), 2048-d pool features"

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ngkit import hookimpl
 from ngkit.components import BetaSchedule, Decoder, Encoder, Register, StepOutput, host_logs
-from ngkit_plugins.categorical_vae import CategoricalVAE
+from ngkit.methods.categorical_vae import CategoricalVAE
 
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch, Register
-from ngkit.engine.distributed import sum_over_ranks
+from ngkit.distributed import sum_over_ranks
 from ngkit.errors import NgkitError
 
 SSIM_SIGMA = 1.5  # Wang et al. (2004): Gaussian window sigma 1.5 ...

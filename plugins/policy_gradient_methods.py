@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from ngkit import hookimpl
 from ngkit.components import BetaSchedule, Decoder, Encoder, ImageSpec, Register, StepOutput, host_logs
-from ngkit.engine.distributed import mean_over_ranks
-from ngkit_plugins.categorical_vae import CategoricalVAE
+from ngkit.distributed import mean_over_ranks
+from ngkit.methods.categorical_vae import CategoricalVAE
 
 KL_BAND = 1.5  # PPO-penalty: adapt when KL leaves [target/1.5, target*1.5] (Schulman et al. 2017, §4)
 KL_GAIN = 2.0  # ... by halving or doubling the coefficient (same source)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ngkit import hookimpl
 from ngkit.components import Register
-from ngkit.engine.distributed import mean_over_ranks
+from ngkit.distributed import mean_over_ranks
 from ngkit_plugins.daps_proxy import proxy_weights, sample_kl, weight_logits
 
 # Range of η (nats of reward per nat of KL). At 1e-3 a reward gap of 0.05 nats already gives

@@ -45,7 +45,7 @@ def one_thread():
 def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight state dict with the real names, scaled so that features do not vanish."""
     torch.manual_seed(0)
-    from ngkit_plugins.inception import FIDInceptionV3
+    from ngkit.metrics.inception import FIDInceptionV3
 
     network = FIDInceptionV3()
     for module in network.modules():

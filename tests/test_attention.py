@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from ngkit.components import ImageSpec, LatentSpec
-from ngkit_plugins import attention as attention_module
-from ngkit_plugins.attention import attention, attention_backend
+from ngkit import nn as attention_module
+from ngkit.nn import attention, attention_backend
 from ngkit_plugins.transformer_encoder import TransformerEncoder
 
 

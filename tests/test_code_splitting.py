@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ngkit.components import ImageSpec, LatentSpec
-from ngkit_plugins.categorical_vae import DeadCodeSplitter
+from ngkit.methods.categorical_vae import DeadCodeSplitter
 from ngkit_plugins.conv_decoder import ConvDecoder
 from ngkit_plugins.transformer_encoder import TransformerEncoder
 

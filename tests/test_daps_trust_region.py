@@ -18,7 +18,7 @@ from ngkit_plugins.beta_schedules import Constant
 from ngkit_plugins.daps_method import Daps
 from ngkit_plugins.daps_proxy import DapsProxy
 from ngkit_plugins.step_size_policies import KlBoundEta
-from ngkit_plugins.trust_region import ALPHA_MAX, EncoderTrustRegion, token_kl
+from ngkit.methods.trust_region import ALPHA_MAX, EncoderTrustRegion, token_kl
 
 
 def _method(seed: int = 0, **kw: float) -> Daps:

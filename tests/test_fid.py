@@ -28,7 +28,7 @@ from ngkit_plugins.fid_metric import (
     compute_reference_stats,
     frechet_distance,
 )
-from ngkit_plugins.inception import FIDInceptionV3, _avg_pool_tf
+from ngkit.metrics.inception import FIDInceptionV3, _avg_pool_tf
 
 
 

@@ -91,7 +91,7 @@ def component_sources(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 def can_sample(method: Method) -> bool:
     """Whether codes can be drawn from q(z|x): methods built on a categorical posterior (DAPS,
     Gumbel, REINFORCE, PPO...), whose deterministic codes are the encoder's mode."""
-    from ngkit_plugins.categorical_vae import CategoricalVAE
+    from ngkit.methods.categorical_vae import CategoricalVAE
 
     return isinstance(method, CategoricalVAE)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngkit.components import LatentSpec, StepOutput
-from ngkit_plugins.attention import attention
+from ngkit.nn import attention
 
 
 class Prior(nn.Module):

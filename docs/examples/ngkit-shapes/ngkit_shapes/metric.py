@@ -10,7 +10,7 @@ import torch
 
 from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch
-from ngkit.engine.distributed import sum_over_ranks
+from ngkit.distributed import sum_over_ranks
 
 
 class ForegroundIoU:

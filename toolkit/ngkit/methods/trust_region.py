@@ -5,7 +5,7 @@ q~ by the engine's optimiser (AdamW, fixed learning rate), whose step does not d
 the step is measured as KL(q_old(·|x) ‖ q_new(·|x)) per image across the optimiser step, and,
 as an option, bounded MPO-style (Abdolmaleki et al., 2018, M-step): the policy loss gains
 α·KL(q_prev ‖ q_θ) and the multiplier α is learned by dual ascent so the measured KL stays near ε.
-Not a plugin: :class:`ngkit_plugins.daps_method.Daps` uses it.
+Public API (:mod:`ngkit.methods`): the DAPS method plugin uses it; so may any method plugin.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ngkit.engine.distributed import mean_over_ranks
+from ngkit.distributed import mean_over_ranks
 
 # Range of the multiplier α (nats of policy loss per nat of KL); the upper end stops a run whose
 # bound cannot be met from overflowing, the lower one lets log α come back within ~20 updates.

@@ -1,5 +1,5 @@
 """Shared base for methods whose encoder is a categorical q(z|x) over codes (DAPS, Gumbel,
-REINFORCE, PPO). Not a plugin: the method plugins subclass it."""
+REINFORCE, PPO). Public API (:mod:`ngkit.methods`): the method plugins subclass it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ngkit.components import Decoder, Encoder, Method
-from ngkit.engine.distributed import sum_over_ranks
+from ngkit.distributed import sum_over_ranks
 
 
 class CategoricalVAE(Method):
