@@ -26,7 +26,7 @@ from ngkit.components import (
     StepSizePolicy,
     host_logs,
 )
-from ngkit_plugins.beta_schedules import reward_scale
+from ngkit.methods.beta import reward_scale
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
 from ngkit.methods.trust_region import EncoderTrustRegion, token_kl
 

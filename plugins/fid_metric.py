@@ -200,6 +200,8 @@ class FidMetric:
     :param feature_batch: images per Inception forward pass (memory at 299x299).
     """
 
+    expensive = True  # an Inception pass per image: at the end of training and in `ngkit eval` only
+
     def __init__(
         self,
         mode: Literal["rfid", "generation", "reference"] = "rfid",

@@ -1,6 +1,7 @@
 """Built-in quantizers for the VQ-VAE and FSQ baselines: continuous features -> discrete codes.
 
-Interface every quantizer follows (the ``"vqvae"``/``"fsq"`` methods rely on nothing else):
+Interface every quantizer follows (:class:`ngkit.components.Quantizer`; the ``"vqvae"``/``"fsq"``
+methods rely on nothing else):
 
 - ``dim``: the size of the feature vector it quantizes (one per token);
 - ``forward(h [B, L, dim]) -> (quantized [B, L, dim], codes [B, L] long, aux_loss, logs)``:
@@ -24,29 +25,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import LatentSpec, Register
+from ngkit.components import LatentSpec, Quantized, Quantizer, Register
 
 LAPLACE_EPS = 1e-5  # Laplace smoothing of EMA code counts (Sonnet's VectorQuantizerEMA default)
 FSQ_EPS = 1e-3  # keeps bounded values off the rounding boundary (Mentzer et al. 2023, App. A)
-
-Quantized = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]
-"""``(quantized [B, L, dim], codes [B, L], aux_loss, logs)``, what ``Quantizer.forward`` returns."""
-
-
-class Quantizer(nn.Module):
-    """Base class documenting the interface above."""
-
-    dim: int
-
-    def forward(self, h: Tensor) -> Quantized:  # type: ignore[override]
-        raise NotImplementedError
-
-    def codes_to_vectors(self, codes: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def after_step(self) -> dict[str, float]:
-        return {}
-
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import Encoder, ImageSpec, LatentSpec, Register, TokenLogProb
+from ngkit.components import Encoder, ImageSpec, LatentSpec, Register, TokenLogProb, pixel_stats
 from ngkit.nn import attention, attention_backend
-from ngkit_plugins.conv_decoder import pixel_stats
 
 EMBED_INIT_STD = 0.02  # token/position embeddings, as in GPT-2 and ViT
 

@@ -56,6 +56,7 @@ class Contract:
     calls: tuple[Call, ...]
     attributes: tuple[str, ...] = ()  # attributes the core reads
     module: bool = False  # must be an nn.Module (its parameters train and checkpoint)
+    flags: tuple[str, ...] = ()  # declared capabilities (bool attributes, False when absent)
     section: str = ""  # the docs section, e.g. "#2-datasets"
 
 
@@ -86,7 +87,7 @@ CONTRACTS: dict[str, Contract] = {
         (Call("forward", ("x", "step")), Call("encode", ("x",)), Call("decode", ("z",)),
          Call("after_step", ("step",), required=False), Call("beta_elbo", ("x", "beta"), required=False),
          Call("sample_codes", ("x",), required=False)),
-        attributes=("latent",), module=True, section="#5-methods",
+        attributes=("latent",), module=True, flags=("can_sample",), section="#5-methods",
     ),
     "posterior_proxies": Contract((Call("__call__", ("logp", "logq", "eta", "beta")),), section="#6-posterior-proxies-step-size-policies-β-schedules"),
     "step_size_policies": Contract(
@@ -98,7 +99,8 @@ CONTRACTS: dict[str, Contract] = {
         (Call("forward", ("h",)), Call("codes_to_vectors", ("codes",)), Call("after_step")),
         attributes=("dim",), module=True, section="#7-quantizers",
     ),
-    "metrics": Contract((Call("update", ("batch",)), Call("compute"), Call("protocol")), section="#8-metrics"),
+    "metrics": Contract((Call("update", ("batch",)), Call("compute"), Call("protocol")), flags=("expensive",),
+                        section="#8-metrics"),
     "priors": Contract(
         (Call("loss", ("codes", "labels")), Call("sample", ("labels",)),
          Call("sample", ("labels",), ("guidance", "generator"))),
@@ -152,6 +154,11 @@ def contract_problems(kind: str, obj: Any) -> list[str]:
         problems.append(f"must be a torch.nn.Module (its state trains and is checkpointed); found {type(obj).__name__}")
     problems += [f"has no attribute {a!r}" for a in contract.attributes if not hasattr(obj, a)]
     problems += [p for call in contract.calls if (p := _call_problem(obj, call)) is not None]
+    for flag in ("can_sample", "expensive"):
+        if flag in contract.flags and not isinstance(getattr(obj, flag, False), bool):
+            problems.append(f"declares {flag} = {getattr(obj, flag)!r}; it must be True or False")
+    if kind == "methods" and getattr(obj, "can_sample", False) is True and not callable(getattr(obj, "sample_codes", None)):
+        problems.append("declares can_sample = True but has no method sample_codes(x)")
     if kind == "datasets" and hasattr(obj, "spec") and not isinstance(obj.spec, ImageSpec):
         problems.append(f"spec must be an ngkit.components.ImageSpec; found {type(obj.spec).__name__}")
     return problems

@@ -44,11 +44,11 @@ def evaluate(
 ) -> EvalResult:
     """Encode, decode, and update every metric. ``codes``: ``"argmax"``, the method's deterministic
     ``encode``; ``"sample"``, one z ~ q(z|x) per image as the DAPS reference code evaluates (methods
-    with a ``sample_codes``), drawn with the random stream seeded by ``seed`` and the rank (then
+    declaring ``can_sample``), drawn with the random stream seeded by ``seed`` and the rank (then
     restored), so the same command gives the same numbers and the caller's stream is left alone."""
     if codes not in ("argmax", "sample"):
         raise NgkitError(f"codes must be argmax or sample, not {codes!r}")
-    sampler = getattr(method, "sample_codes", None)
+    sampler = getattr(method, "sample_codes", None) if getattr(method, "can_sample", False) else None
     if codes == "sample" and sampler is None:
         raise NgkitError(
             f"--codes sample: method {type(method).__name__} has no sampled codes (only methods with a "

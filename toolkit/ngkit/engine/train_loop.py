@@ -36,13 +36,10 @@ from ngkit.engine.seeding import rng_state, seed_everything, set_rng_state
 from ngkit.engine.signals import StopSignals
 from ngkit.engine.step import StepPlan, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
-from ngkit.plugins import get_plugin_manager
+from ngkit.plugins import get_plugin_manager, get_registry
 from ngkit.recipe import Recipe, recipe_to_dict
 
 __all__ = ["TrainResult", "seed_everything", "train"]
-
-EXPENSIVE_METRICS = {"fid"}  # computed at the end of training only, not at every eval
-
 
 @dataclass
 class TrainResult:
@@ -231,7 +228,7 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
     run_cfg, recipe = t.recipe.run, t.recipe
     state = Loop(step=start.step, saved_step=start.step if t.resume_tag else None)
     plan = StepPlan.of(t.engine, recipe, t.dist.device, t.dtype)
-    periodic = [m for m in recipe.eval.metrics if m not in EXPENSIVE_METRICS]
+    periodic = [m for m in recipe.eval.metrics if not expensive(m)]
 
     def save_overdue() -> bool:
         return run_cfg.checkpoint_minutes > 0 and time.perf_counter() - state.t_saved > 60 * run_cfg.checkpoint_minutes
@@ -260,6 +257,11 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
         if state.stop_signal:
             break
     return state
+
+
+def expensive(metric: str) -> bool:
+    """A metric's declared ``expensive`` (its factory's attribute): left out of periodic evals."""
+    return bool(getattr(get_registry().entries["metrics"][metric].factory, "expensive", False))
 
 
 def _count(t: Trainer, state: Loop, applied: bool, logs: dict[str, float]) -> None:

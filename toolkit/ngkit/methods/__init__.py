@@ -4,12 +4,14 @@ docs/writing-a-plugin.md "What a plugin may import").
 - :class:`CategoricalVAE`: the base of every method whose encoder is a categorical q(z|x)
   (DAPS, Gumbel, REINFORCE, PPO), with the evaluation helpers they share;
 - :class:`DeadCodeSplitter`: re-seeds unused codes from used ones;
-- :class:`EncoderTrustRegion` and :func:`token_kl`: the encoder's real step, measured and bounded.
+- :class:`EncoderTrustRegion` and :func:`token_kl`: the encoder's real step, measured and bounded;
+- :func:`reward_scale`: what a β schedule's β is multiplied by (its ``relative`` option).
 """
 
 from __future__ import annotations
 
+from ngkit.methods.beta import reward_scale
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
 from ngkit.methods.trust_region import EncoderTrustRegion, token_kl
 
-__all__ = ["CategoricalVAE", "DeadCodeSplitter", "EncoderTrustRegion", "token_kl"]
+__all__ = ["CategoricalVAE", "DeadCodeSplitter", "EncoderTrustRegion", "reward_scale", "token_kl"]

@@ -15,6 +15,8 @@ from ngkit.distributed import sum_over_ranks
 class CategoricalVAE(Method):
     """Encoder + decoder with the evaluation helpers every categorical method shares."""
 
+    can_sample = True  # q(z|x) is a distribution over codes: sample_codes draws from it
+
     def __init__(self, encoder: Encoder, decoder: Decoder) -> None:
         super().__init__()
         self.encoder = encoder
