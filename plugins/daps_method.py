@@ -30,6 +30,8 @@ from ngkit.methods.beta import reward_scale
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
 from ngkit.methods.trust_region import EncoderTrustRegion, token_kl
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 
 class Daps(CategoricalVAE):
     """DAPS with any categorical encoder (autoregressive or factorised)."""

@@ -32,6 +32,8 @@ from ngkit import hookimpl
 from ngkit.components import Example, ImageSpec
 from ngkit.errors import DataError
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # 16-bit (and 32-bit int) greyscale

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from ngkit import hookimpl
 from ngkit.components import LatentSpec, Quantized, Quantizer, Register
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 LAPLACE_EPS = 1e-5  # Laplace smoothing of EMA code counts (Sonnet's VectorQuantizerEMA default)
 FSQ_EPS = 1e-3  # keeps bounded values off the rounding boundary (Mentzer et al. 2023, App. A)
 

@@ -222,15 +222,11 @@ def _meet_contract(kind: str, built: Any, registration: Registration, where: str
     if not problems:
         return built
     module = info.module if info and info.module else registration.location.split(":")[0]
-    hint = ""
-    if kind == "datasets" and declared is None and looks_like_api1_dataset(built):
-        hint = (f" Its train() takes API 1's rank and world_size: to run it unchanged through ngkit's API-1 "
-                f"adapter, set NGKIT_PLUGIN_API = 1 in {module}.")
-    contract = CONTRACTS[kind]
+    api1 = kind == "datasets" and looks_like_api1_dataset(built)
     raise RecipeError(where, [
         f"[{where}] {component_label(registration)} does not meet the {NOUNS[kind]} contract of plugin API "
-        f"{PLUGIN_API}: it {'; it '.join(problems)}. {api_note(declared, module)}.{hint} See "
-        f"{DOCS}{contract.section} ({registration.location})"
+        f"{PLUGIN_API}: it {'; it '.join(problems)}.{api_note(declared, module, api1)} See "
+        f"{DOCS}{CONTRACTS[kind].section} ({registration.location})"
     ])
 
 

@@ -29,9 +29,9 @@ from ngkit.components import Example, ImageSpec
 CHANGES: dict[int, str] = {
     1: "the first API: dataset train(*, seed, rank, world_size) yields [C, H, W] tensors forever, "
        "test(*, rank, world_size, limit)",
-    2: "datasets: train(*, seed, epoch, shard, num_shards, start=0) yields Example objects of one "
-       "epoch (the core asks for the next), test(*, shard, num_shards, limit); methods declare "
-       "can_sample, metrics declare expensive",
+    2: "dataset train(*, seed, epoch, shard, num_shards, start=0) yields lazy Example objects of one "
+       "epoch and test(*, shard, num_shards, limit) (rank, world_size became shard, num_shards); methods "
+       "declare can_sample, metrics expensive",
 }
 
 DOCS = "docs/writing-a-plugin.md"
@@ -173,17 +173,20 @@ def looks_like_api1_dataset(obj: Any) -> bool:
     return "rank" in params and "world_size" in params and "epoch" not in params
 
 
-def api_note(declared: int | None, module: str) -> str:
-    """What changed since the API a package declares (or, undeclared, how to declare it)."""
-    if declared is None:
-        return (f"The package declares no NGKIT_PLUGIN_API; this ngkit speaks plugin API {PLUGIN_API} "
-                f"(API {PLUGIN_API}: {CHANGES[PLUGIN_API]}). Update the plugin and set "
-                f"NGKIT_PLUGIN_API = {PLUGIN_API} in {module}")
+def api_note(declared: int | None, module: str, api1_dataset: bool = False) -> str:
+    """What changed since the API a package declares, and what to set (empty when it declares
+    this API). ``api1_dataset``: an undeclared dataset that has API 1's signature."""
     if declared == PLUGIN_API:
-        return f"The package declares NGKIT_PLUGIN_API = {declared}, the API this ngkit speaks"
-    changes = "; ".join(f"API {v}: {CHANGES[v]}" for v in range(declared + 1, PLUGIN_API + 1) if v in CHANGES)
-    return (f"The package declares NGKIT_PLUGIN_API = {declared}; this ngkit speaks API {PLUGIN_API}. "
-            f"What changed: {changes}")
+        return ""
+    if declared is None and api1_dataset:
+        return (f" Its train() takes API 1's rank and world_size. What changed in API 2: {CHANGES[2]}. Update it "
+                f"and set NGKIT_PLUGIN_API = 2 in {module}, or set NGKIT_PLUGIN_API = 1 there to run it "
+                f"unchanged through ngkit's API-1 adapter.")
+    if declared is None:
+        return (f" The package declares no NGKIT_PLUGIN_API (this ngkit speaks API {PLUGIN_API}): fix the "
+                f"plugin and set NGKIT_PLUGIN_API = {PLUGIN_API} in {module}.")
+    changes = "; ".join(f"API {v}: {CHANGES[v]}" for v in range(declared + 1, PLUGIN_API + 1))
+    return f" The package declares NGKIT_PLUGIN_API = {declared}; this ngkit speaks API {PLUGIN_API}. What changed: {changes}."
 
 
 class DatasetV1Adapter:
