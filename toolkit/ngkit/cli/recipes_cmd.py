@@ -13,7 +13,7 @@ from rich.table import Table
 from ngkit.errors import NgkitError, RecipeError
 from ngkit.recipe import apply_overrides, parse_recipe, read_toml, variant_raw
 
-app = typer.Typer(help="List and validate recipes.", no_args_is_help=True)
+app = typer.Typer(help="List and validate recipes.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def packaged_recipes() -> list[Path]:
