@@ -182,6 +182,17 @@ class Daps(CategoricalVAE):
             self._anchor = (x, z, old_logits)
         return logs
 
+    def get_extra_state(self) -> dict[str, list[Tensor]]:
+        """The trust region's anchor (the previous step's batch, codes and logits), so that the
+        first step after ``--resume`` has the penalty the uninterrupted run's has; tensors only
+        (``torch.load(weights_only=True)`` reads it)."""
+        return {"anchor": list(self._anchor) if self._anchor is not None else []}
+
+    def set_extra_state(self, state: dict[str, list[Tensor]]) -> None:
+        device = next(self.parameters()).device
+        anchor = [t.to(device) for t in state.get("anchor", [])]
+        self._anchor = (anchor[0], anchor[1], anchor[2]) if anchor else None
+
 
 class DapsNA(Daps):
     """DAPS-NA: the same update, checked to run on a factorised encoder q(z|x) = Π_l q(z_l|x)."""

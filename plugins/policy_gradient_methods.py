@@ -205,6 +205,16 @@ class PPO(CategoricalVAE):
         }
         return StepOutput(loss, {**host_logs(stats), "beta": beta})
 
+    def get_extra_state(self) -> dict[str, list[list[Tensor]]]:
+        """The stored rollouts the next policy updates use, so that ``--resume`` is exact;
+        tensors only (``torch.load(weights_only=True)`` reads it)."""
+        return {"stored": [[r.x, r.z, r.old_logits, r.advantages] for r in self._stored]}
+
+    def set_extra_state(self, state: dict[str, list[list[Tensor]]]) -> None:
+        device = next(self.parameters()).device
+        self._stored.clear()
+        self._stored.extend(Rollout(*(t.to(device) for t in rollout)) for rollout in state.get("stored", []))
+
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, float]:
         if self._pending is None:

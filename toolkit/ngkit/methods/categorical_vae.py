@@ -74,8 +74,9 @@ class DeadCodeSplitter(nn.Module):
     def __init__(self, codes: int, every: int, noise: float, below: float) -> None:
         super().__init__()
         self.every, self.noise, self.below = every, noise, below
-        # Not saved: after a resume the window simply starts afresh.
-        self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64), persistent=False)
+        # Draws per code since the last check; checkpointed, so a resumed run splits as the
+        # uninterrupted one does.
+        self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64))
 
     @torch.no_grad()
     def observe(self, z: Tensor) -> None:
