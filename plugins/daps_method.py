@@ -182,15 +182,15 @@ class Daps(CategoricalVAE):
             self._anchor = (x, z, old_logits)
         return logs
 
-    def get_extra_state(self) -> dict[str, list[Tensor]]:
-        """The trust region's anchor (the previous step's batch, codes and logits), so that the
-        first step after ``--resume`` has the penalty the uninterrupted run's has; tensors only
-        (``torch.load(weights_only=True)`` reads it)."""
+    def get_rank_state(self) -> dict[str, list[Tensor]]:
+        """This rank's trust-region anchor (its previous batch, codes and logits), saved in its
+        checkpoint file so that the first step after ``--resume`` has the penalty the
+        uninterrupted run's has (:mod:`ngkit.engine.rank_state`)."""
         return {"anchor": list(self._anchor) if self._anchor is not None else []}
 
-    def set_extra_state(self, state: dict[str, list[Tensor]]) -> None:
+    def set_rank_state(self, state: dict[str, list[Tensor]]) -> None:
         device = next(self.parameters()).device
-        anchor = [t.to(device) for t in state.get("anchor", [])]
+        anchor = [t.to(device) for t in state["anchor"]]
         self._anchor = (anchor[0], anchor[1], anchor[2]) if anchor else None
 
 

@@ -205,15 +205,15 @@ class PPO(CategoricalVAE):
         }
         return StepOutput(loss, {**host_logs(stats), "beta": beta})
 
-    def get_extra_state(self) -> dict[str, list[list[Tensor]]]:
-        """The stored rollouts the next policy updates use, so that ``--resume`` is exact;
-        tensors only (``torch.load(weights_only=True)`` reads it)."""
+    def get_rank_state(self) -> dict[str, list[list[Tensor]]]:
+        """This rank's stored rollouts (the next policy updates use them), saved in its checkpoint
+        file so that ``--resume`` is exact (:mod:`ngkit.engine.rank_state`)."""
         return {"stored": [[r.x, r.z, r.old_logits, r.advantages] for r in self._stored]}
 
-    def set_extra_state(self, state: dict[str, list[list[Tensor]]]) -> None:
+    def set_rank_state(self, state: dict[str, list[list[Tensor]]]) -> None:
         device = next(self.parameters()).device
         self._stored.clear()
-        self._stored.extend(Rollout(*(t.to(device) for t in rollout)) for rollout in state.get("stored", []))
+        self._stored.extend(Rollout(*(t.to(device) for t in rollout)) for rollout in state["stored"])
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, float]:

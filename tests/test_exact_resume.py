@@ -34,10 +34,12 @@ METHODS = {
 
 
 def module_state(out: Path) -> dict:
-    """Everything the last checkpoint holds of the method (ZeRO 0: one file, buffers and extra
-    state included), read as anything travelling is: weights_only."""
-    tag = checkpoint.latest_tag(out / "checkpoints")
-    return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    """Everything the last checkpoint holds of the method: the module (ZeRO 0: one file, buffers
+    included) and this rank's own state, read as anything travelling is: weights_only."""
+    ckpt = out / "checkpoints" / checkpoint.latest_tag(out / "checkpoints")
+    own = torch.load(ckpt / "rank-0.pt", weights_only=True)
+    return {**torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)["module"],
+            "rank state": own["method"], "rng": own["rng"]}
 
 
 def same(a, b) -> bool:
@@ -75,5 +77,7 @@ def test_the_trust_region_anchor_travels_in_the_checkpoint(tmp_path, one_thread)
                run={"steps": SAVE_AT, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "checkpoint_minutes": 0},
                eval={"metrics": ["mse"], "num_images": 8, "batch_size": 8})
     train(parse_recipe(raw, "anchor"), tmp_path / "run", quiet=True)
-    x, z, logits = module_state(tmp_path / "run")["_extra_state"]["anchor"]
+    tag = checkpoint.latest_tag(tmp_path / "run" / "checkpoints")
+    own = torch.load(tmp_path / "run" / "checkpoints" / tag / "rank-0.pt", weights_only=True)
+    x, z, logits = own["method"][""]["anchor"]  # "": the method itself, beside its submodules
     assert x.shape == (8, 1, 8, 8) and z.shape[1:] == (8, 16) and logits.shape[-1] == 16

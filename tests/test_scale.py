@@ -54,9 +54,11 @@ CLIPPED = [("agc", "agc", 0.01, 3, 1), ("norm", "norm", 0.05, 2, 0)]
 
 
 def daps_hf(data_dir: Path, steps: int, stage: int = 2, workers: int = 2) -> dict:
-    """Stochastic DAPS-NA on a 3-shard parquet set; β's schedule length fixed so that a short
-    run followed by --resume follows the same schedule as one long run."""
+    """Stochastic DAPS-NA with its per-rank state on (trust-region anchor, dead-code counts) on a
+    3-shard parquet set; β's schedule length fixed so that a short run followed by --resume
+    follows the same schedule as one long run."""
     return tiny(
+        method={"name": "daps-na", "samples": 4, "trust_region": 0.05, "split_dead_codes": 2, "split_below": 0.9},
         data={"name": "hf", "path": "parquet", "data_dir": str(data_dir), "image_size": 8, "batch_size": 4,
               "workers": workers, "shuffle_buffer": 8},
         distributed={"zero_stage": stage},

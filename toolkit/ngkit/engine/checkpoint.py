@@ -159,5 +159,11 @@ def load(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict[str, An
     if path is None:
         raise NgkitError(f"could not load checkpoint {ckpt_dir / tag}: DeepSpeed found no model states there")
     own = ckpt_dir / tag / rank_file(rank)
-    rank_state = torch.load(own, weights_only=False) if own.exists() else None
+    try:
+        rank_state = torch.load(own, weights_only=True) if own.exists() else None
+    except Exception as exc:
+        raise NgkitError(
+            f"could not read {own} without unpickling it ({type(exc).__name__}: {exc}); a checkpoint of an "
+            f"older ngkit? Resume from a newer checkpoint, or start a new run"
+        ) from exc
     return client_state or {}, rank_state

@@ -24,7 +24,7 @@ import tomli_w
 from ngkit import __version__
 from ngkit.components import Encoder, Method
 from ngkit.data import Position, TrainBatches, check_dataset
-from ngkit.engine import checkpoint
+from ngkit.engine import checkpoint, rank_state
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
@@ -191,6 +191,7 @@ def resume_point(t: Trainer) -> Start:
     if own is not None and saved_world == t.dist.world_size:
         start.position, start.unreadable = Position(**own["data"]), set(own.get("unreadable", ()))
         set_rng_state(own["rng"])
+        rank_state.restore(t.method, own.get("method", {}))
     else:  # another number of ranks: the shards differ, so start the next epoch afresh
         start.position = Position(epoch=int(client.get("max_epoch", 0)) + 1)
         if t.main:
@@ -317,13 +318,15 @@ def run_eval(t: Trainer, step: int, names: list[str], num_images: int) -> EvalRe
 
 
 def save(t: Trainer, step: int) -> Path:
-    """A checkpoint of every rank (weights, optimiser, data positions, generators) at ``step``."""
+    """A checkpoint of every rank (weights, optimiser; each rank's data position, generators and
+    the method's per-rank state, :mod:`ngkit.engine.rank_state`) at ``step``."""
     dist = t.dist
     epochs = torch.tensor([float(t.batches.position.epoch)])
     torch.distributed.all_reduce(epochs, op=torch.distributed.ReduceOp.MAX)
     state = {"step": step, "ngkit_version": __version__, "recipe": t.resolved,
              "world_size": dist.world_size, "max_epoch": int(epochs.item())}
-    own = {"data": t.batches.state(), "rng": rng_state(), "unreadable": sorted(t.batches.unreadable)}
+    own = {"data": t.batches.state(), "rng": rng_state(), "unreadable": sorted(t.batches.unreadable),
+           "method": rank_state.collect(t.method)}
     path = checkpoint.save(t.engine, t.ckpt_dir, step, state, own, dist.rank, dist.world_size,
                            keep=t.recipe.run.keep_checkpoints)
     if t.main:

@@ -74,9 +74,15 @@ class DeadCodeSplitter(nn.Module):
     def __init__(self, codes: int, every: int, noise: float, below: float) -> None:
         super().__init__()
         self.every, self.noise, self.below = every, noise, below
-        # Draws per code since the last check; checkpointed, so a resumed run splits as the
-        # uninterrupted one does.
-        self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64))
+        # This rank's draws per code since the last check: kept in the rank's checkpoint file
+        # (get_rank_state), not the module's, whose one copy is rank 0's.
+        self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64), persistent=False)
+
+    def get_rank_state(self) -> dict[str, Tensor]:
+        return {"counts": self.counts.double().cpu()}
+
+    def set_rank_state(self, state: dict[str, Tensor]) -> None:
+        self.counts.copy_(state["counts"])
 
     @torch.no_grad()
     def observe(self, z: Tensor) -> None:
