@@ -204,3 +204,31 @@ def test_batches(
     checked = (_check(img, shape, f"held-out image {i * world + rank}") for i, img in enumerate(images))
     while batch := list(itertools.islice(checked, batch_size)):
         yield torch.stack(batch)
+
+
+# Held-out images are split into this many virtual shards (a multiple of it past 8 ranks), each
+# read and batched the same way whatever the number of ranks: rank r evaluates shards r, r + W,
+# ... So every image is computed in the same batch, at the same place, on 1 rank or 8, and a
+# metric's per-image values are bit-identical (only the float64 sums over ranks change order).
+EVAL_SHARDS = 8
+
+
+def eval_shards(world: int) -> int:
+    return EVAL_SHARDS * -(-world // EVAL_SHARDS)
+
+
+def eval_batches(
+    dataset: ImageDataset, batch_size: int, rank: int, world: int, limit: int | None
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(shard, batch index, images)`` of this rank's virtual shards of the first ``limit``
+    held-out images (see :data:`EVAL_SHARDS`)."""
+    shards = eval_shards(world)
+    shape = tuple(dataset.spec.shape)
+    for shard in range(rank, shards, world):
+        images = dataset.test(shard=shard, num_shards=shards, limit=limit)
+        checked = (_check(img, shape, f"held-out image {i * shards + shard}") for i, img in enumerate(images))
+        for index in itertools.count():
+            batch = list(itertools.islice(checked, batch_size))
+            if not batch:
+                break
+            yield shard, index, torch.stack(batch)

@@ -26,6 +26,7 @@ from ngkit.components import Encoder, Method
 from ngkit.data import Position, TrainBatches, check_dataset
 from ngkit.engine import checkpoint, rank_state
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
+from ngkit.engine.buffers import broadcast_buffers
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import DistInfo, init_distributed, pick_device, set_accelerator_env
@@ -238,6 +239,7 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
         state.step = step
         taken = train_step(t.engine, t.batches, step, plan, stop_requested=lambda: signals.requested,
                            save_overdue=save_overdue)
+        broadcast_buffers(t.method)
         state.save_due = state.save_due or taken.save_due
         if taken.stop and state.stop_signal is None:
             state.stop_signal = signals.name or "a signal to another rank"
@@ -313,7 +315,7 @@ def run_eval(t: Trainer, step: int, names: list[str], num_images: int) -> EvalRe
     return evaluate(
         t.method, t.built.dataset, metrics, num_images=num_images, batch_size=t.recipe.eval.batch_size,
         beta=t.built.beta(step), device=t.dist.device, rank=t.dist.rank, world_size=t.dist.world_size,
-        keep=t.recipe.run.grid_images, dtype=t.dtype,
+        keep=t.recipe.run.grid_images, dtype=t.dtype, seed=t.recipe.run.seed,
     )
 
 
