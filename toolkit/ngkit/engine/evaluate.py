@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ngkit.components import EvalBatch, ImageDataset, Method, Metric
-from ngkit.data import eval_batches
+from ngkit.data import eval_batches, eval_shards
 from ngkit.errors import NgkitError
 
 Codes = Literal["argmax", "sample"]
@@ -73,7 +73,8 @@ def _evaluate(
     was_training = method.training
     method.eval()
     want_elbo = "beta-elbo" in metrics
-    kept_x, kept_r, seen = [], [], 0
+    kept_i, kept_x, kept_r, seen = [], [], [], 0
+    shards = eval_shards(world_size)
     for shard, index, x in eval_batches(dataset, batch_size, rank, world_size, num_images):
         torch.manual_seed(int(np.random.SeedSequence([seed, shard, index]).generate_state(1)[0]))
         x = x.to(device, dtype)
@@ -84,14 +85,20 @@ def _evaluate(
         batch = EvalBatch(x.float(), recon, codes, method.latent, None if elbo is None else elbo.float())
         for metric in metrics.values():
             metric.update(batch)
-        if seen < keep:
-            kept_x.append(x[: keep - seen].float().cpu())
-            kept_r.append(recon[: keep - seen].cpu())
+        # the grid's images: this rank's lowest split positions, in split order
+        position = (index * batch_size + torch.arange(x.shape[0])) * shards + shard
+        near = position < keep * world_size
+        if near.any():
+            kept_i.append(position[near])
+            kept_x.append(x[near.to(x.device)].float().cpu())
+            kept_r.append(recon[near.to(recon.device)].cpu())
         seen += x.shape[0]
     method.train(was_training)
     by_metric = {name: metric.compute() for name, metric in metrics.items()}
     values = {key: value for computed in by_metric.values() for key, value in computed.items()}
     protocols = {name: metric.protocol() for name, metric in metrics.items()}
     if not kept_x:  # this rank's shards held no images
-        kept_x = kept_r = [torch.empty(0, *dataset.spec.shape)]
-    return EvalResult(values, protocols, by_metric, torch.cat(kept_x), torch.cat(kept_r), seen)
+        kept_i, kept_x = [torch.empty(0, dtype=torch.long)], [torch.empty(0, *dataset.spec.shape)]
+        kept_r = kept_x
+    order = torch.cat(kept_i).argsort()[:keep]
+    return EvalResult(values, protocols, by_metric, torch.cat(kept_x)[order], torch.cat(kept_r)[order], seen)
