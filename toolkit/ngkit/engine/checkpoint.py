@@ -190,7 +190,11 @@ def save(
         if not _caused_by_full_disk(exc):
             raise
         failure = exc
-    if rank == 0 and failure is None:
+    if not all_ranks_agree(failure is None)[0]:  # also the barrier: every rank's files are written
+        if rank == 0:
+            remove(tmp)
+        raise disk_full(ckpt_dir, step, needed) from failure
+    if rank == 0:
         try:
             marker = {"step": step, "world_size": world_size, "files": _listing(tmp)}
             write_text_atomic(tmp / MARKER, json.dumps(marker, indent=1))

@@ -31,6 +31,7 @@ from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import evaluate
+from ngkit.engine.lock import holds_run_dir
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
 from ngkit.engine.signals import StopSignals
@@ -77,6 +78,7 @@ def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@holds_run_dir  # one live run per directory (ngkit.engine.lock)
 def train(
     recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = False,
     builder: Callable[[Recipe], Built] = build,
