@@ -49,6 +49,11 @@ def locate(target: Path, step: int | None = None) -> tuple[Path, str]:
             return target, tag
         tag = checkpoint.latest_tag(ckpt_dir)
         if tag is None:
+            saved = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+            if saved:
+                raise WeightsError(
+                    f"no checkpoint of {target} can be loaded; the newest, {saved[-1]}: {checkpoint.problem(saved[-1])}"
+                )
             raise NgkitError(f"{target} has no checkpoints yet (no {ckpt_dir / 'latest'})")
         return target, tag
     if target.parent.name == "checkpoints" and (target.parent.parent / "recipe.toml").exists():
