@@ -80,3 +80,17 @@ def test_another_process_sees_the_lock_until_it_is_released_even_by_an_error(tmp
 def test_only_rank_zero_locks(tmp_path):
     with lock.holding(tmp_path / "run", rank=1):
         assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_ctrl_c_during_the_final_evaluation_exits_130_naming_the_checkpoint(tmp_path, monkeypatch, capsys):
+    import ngkit.engine.train_loop as train_loop
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt  # what SIGINT raises once the training steps' handler is gone
+
+    monkeypatch.setattr(train_loop, "evaluate", interrupted)  # eval_every = 0: only the final one
+    out = tmp_path / "run"
+    assert main(["run", str(recipe(tmp_path)), "--out", str(out), "--quiet"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"interrupted (SIGINT); the newest complete checkpoint is {out / 'checkpoints' / 'step-00000002'}" in err
+    assert not (out / LOCK_NAME).exists()

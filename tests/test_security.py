@@ -343,3 +343,24 @@ def test_a_recipe_with_a_byte_order_mark_is_read(tmp_path):
     path = write(tmp_path, tiny())
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert main(["recipes", "validate", str(path)]) == 0
+
+
+def test_an_older_pickled_run_is_refused_then_converted_on_trust(run, capsys):
+    """A run of an older ngkit: rank-0.pt pickled with numpy's generator state, complete.json with
+    sizes only. It is refused with the way out; ``checkpoint convert`` needs --trust; then it resumes."""
+    import numpy as np
+
+    ckpt = run / "checkpoints" / TAG
+    own = checkpoint.decode_rank_state(safe_load.safe_torch_load(ckpt / "rank-0.pt"))
+    torch.save(own, ckpt / "rank-0.pt")  # numpy arrays: a weights-only load refuses them
+    assert isinstance(own["rng"]["numpy"][1], np.ndarray)
+    meta = json.loads((ckpt / checkpoint.MARKER).read_text())
+    meta["files"] = {name: (ckpt / name).stat().st_size for name in meta["files"]}
+    (ckpt / checkpoint.MARKER).write_text(json.dumps(meta))
+    resume = ["run", "--resume", str(run), "--set", "run.steps=6", "--quiet"]
+    assert main(resume) == 2
+    assert "ngkit checkpoint convert RUN --trust" in " ".join(capsys.readouterr().err.split())
+    assert main(["checkpoint", "convert", str(run)]) == 2
+    assert main(["checkpoint", "convert", str(run), "--trust"]) == 0
+    assert "sha256" in json.loads((ckpt / checkpoint.MARKER).read_text())["files"]["rank-0.pt"]
+    assert main(resume) == 0

@@ -337,3 +337,37 @@ def load(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict[str, An
         return client_state or {}, decode_rank_state(safe_load.safe_torch_load(own))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise WeightsError(f"{own} is not a rank state written by this ngkit ({type(exc).__name__}: {exc})") from exc
+
+
+def convert_trusted(ckpt_dir: Path) -> list[str]:
+    """Rewrite the checkpoints of a run written by an older ngkit (``rank-R.pt`` pickled with
+    numpy objects, ``complete.json`` without hashes) so that they load weights-only. This
+    UNPICKLES the old rank files, running any code they hold: only for a run the user made.
+    Returns one line per checkpoint said what was done."""
+    report = []
+    for tag in sorted(_step_tags(ckpt_dir)):
+        path = ckpt_dir / tag
+        if problem(path, hashes=False) is not None:
+            report.append(f"{tag}: skipped ({problem(path, hashes=False)})")
+            continue
+        rewritten = []
+        for own in sorted(path.glob("rank-*.pt")):
+            try:
+                safe_load.safe_torch_load(own)
+                continue
+            except WeightsError:
+                state = torch.load(own, map_location="cpu", weights_only=False)  # trusted by the user
+            if not isinstance(state.get("rng", {}).get("numpy"), dict):
+                state = encode_rank_state(state)
+            tmp = own.with_name(f".{own.name}.tmp-{os.getpid()}")
+            torch.save(state, tmp)
+            os.replace(tmp, own)
+            rewritten.append(own.name)
+        for states in sorted(set(path.glob("*_states.pt"))):
+            safe_load.safe_torch_load(states, "cpu", deepspeed=True)  # DeepSpeed's own files must pass as they are
+        marker = json.loads((path / MARKER).read_text())
+        marker["files"] = _listing(path)
+        marker["files"].pop(MARKER, None)
+        write_text_atomic(path / MARKER, json.dumps(marker, indent=1))
+        report.append(f"{tag}: {', '.join(rewritten) or 'no rank file'} rewritten, {MARKER} now records SHA-256")
+    return report

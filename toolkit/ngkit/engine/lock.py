@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ngkit.engine.checkpoint import LOCK_NAME, refuse_symlinks
-from ngkit.errors import NgkitError
+from ngkit.engine.checkpoint import LOCK_NAME, newest_complete, refuse_symlinks
+from ngkit.errors import NgkitError, RunStopped
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,12 +107,24 @@ def launcher_rank() -> int:
     return int(launcher_env().get("RANK", "0"))
 
 
+def interrupted(out_dir: Path) -> RunStopped:
+    """What Ctrl-C outside the steps (whose SIGINT saves and stops, see ngkit.engine.signals) says."""
+    newest = newest_complete(out_dir / "checkpoints")
+    where = (f"the newest complete checkpoint is {out_dir / 'checkpoints' / newest}; evaluate it with ngkit eval "
+             f"{out_dir}, or continue with ngkit run --resume {out_dir}") if newest else "no checkpoint was saved"
+    return RunStopped(f"interrupted (SIGINT); {where}", exit_code=130)
+
+
 def holds_run_dir(train: F) -> F:
-    """Decorates ``train(recipe, out_dir, ...)``: the whole call holds ``out_dir``'s lock."""
+    """Decorates ``train(recipe, out_dir, ...)``: the whole call holds ``out_dir``'s lock, and
+    Ctrl-C outside the training steps ends with a message naming the newest checkpoint."""
 
     @functools.wraps(train)
     def locked(recipe: Any, out_dir: Path, *args: Any, **kwargs: Any) -> Any:
         with holding(Path(out_dir), launcher_rank()):
-            return train(recipe, out_dir, *args, **kwargs)
+            try:
+                return train(recipe, out_dir, *args, **kwargs)
+            except KeyboardInterrupt:  # Ctrl-C outside the training steps (build, final evaluation)
+                raise interrupted(Path(out_dir)) from None
 
     return locked  # type: ignore[return-value]
