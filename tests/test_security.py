@@ -364,3 +364,29 @@ def test_an_older_pickled_run_is_refused_then_converted_on_trust(run, capsys):
     assert main(["checkpoint", "convert", str(run), "--trust"]) == 0
     assert "sha256" in json.loads((ckpt / checkpoint.MARKER).read_text())["files"]["rank-0.pt"]
     assert main(resume) == 0
+
+
+def test_a_corrupt_checkpoint_is_one_clear_error_on_export_and_eval(run, tmp_path, capsys):
+    ckpt = run / "checkpoints" / TAG
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 not really a zip archive")
+    meta = json.loads((ckpt / checkpoint.MARKER).read_text())  # the marker updated to match, as a copy tool might
+    name = "mp_rank_00_model_states.pt"
+    meta["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": safe_load.sha256(ckpt / name)}
+    (ckpt / checkpoint.MARKER).write_text(json.dumps(meta))
+    for args in (["export", str(run), "--out", str(tmp_path / "x")], ["eval", str(run), "--metric", "mse", "--num-images", "8"]):
+        assert main(args) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{ckpt / name} is not a readable PyTorch checkpoint" in err and "Traceback" not in err, err
+
+
+def test_a_recipe_whose_widths_do_not_fit_the_weights_names_the_tensor_and_both_shapes(run, capsys):
+    import tomllib
+
+    raw = tomllib.loads((run / "recipe.toml").read_text())
+    raw["model"]["decoder"]["width"] = 24
+    (run / "recipe.toml").write_text(tomli_w.dumps(raw))
+    assert main(["eval", str(run), "--metric", "mse", "--num-images", "8"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "size mismatch for" in err and "torch.Size([" in err and "Traceback" not in err, err
+    with pytest.raises(WeightsError, match=r"size mismatch for decoder\..*torch.Size"):
+        ngkit.load(run)
