@@ -30,6 +30,7 @@ from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import DistInfo, init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import EvalResult, evaluate
+from ngkit.engine.lock import holds_run_dir
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
 from ngkit.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -111,6 +112,7 @@ class Loop:
     t_window: float = field(default_factory=time.perf_counter)
 
 
+@holds_run_dir  # one live run per directory (ngkit.engine.lock)
 def train(
     recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = False,
     builder: Callable[[Recipe], Built] = build,
