@@ -34,7 +34,7 @@ from ngkit.engine.evaluate import evaluate
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
 from ngkit.engine.signals import StopSignals
-from ngkit.engine.step import StepPlan, train_step
+from ngkit.engine.step import StepPlan, host_floats, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import Recipe, recipe_to_dict
@@ -192,7 +192,7 @@ def train(
 
     # ---- the loop: one optimiser step (`accumulate` micro-batches, see ngkit.engine.step) at a time
     plan = StepPlan.of(engine, recipe, dist.device, dtype)
-    window: dict[str, float] = defaultdict(float)
+    window: dict[str, Any] = defaultdict(float)  # sums of the steps' logs: floats, device scalars
     window_steps, window_applied, skipped, consecutive_skips = 0, 0, 0, 0
     t_window, t_start, t_saved = time.perf_counter(), time.perf_counter(), time.perf_counter()
     step, saved_step, stop_signal, save_due = start_step, start_step if resume_tag else None, None, False
@@ -227,7 +227,9 @@ def train(
 
             if step % run_cfg.log_every == 0 or step == run_cfg.steps:
                 elapsed = time.perf_counter() - t_window
-                record = {"kind": "train", "step": step, **{k: v / max(1, window_applied) for k, v in window.items()}}
+                # the window's device values reach the host here, once per log interval
+                means = host_floats({k: v / max(1, window_applied) for k, v in window.items()})
+                record = {"kind": "train", "step": step, **means}
                 record["lr"] = engine.get_lr()[0]
                 record["images_per_s"] = window_steps * global_batch / max(elapsed, 1e-9)
                 record["skipped_steps"] = skipped
