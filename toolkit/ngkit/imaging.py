@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -45,7 +46,16 @@ def available_decoders() -> list[str]:
 
 
 def default_decoder() -> str:
-    """The fastest installed decoder: what :func:`decode` uses unless told otherwise."""
+    """What :func:`decode` uses unless told otherwise: ``NGKIT_JPEG_DECODER`` when set (e.g.
+    ``pil-full`` to decode exactly as ngkit did before), else the fastest installed decoder."""
+    chosen = os.environ.get("NGKIT_JPEG_DECODER")
+    if chosen:
+        if chosen not in available_decoders():
+            raise ValueError(
+                f"NGKIT_JPEG_DECODER={chosen!r} is not available here; choose one of "
+                f"{', '.join(available_decoders())} (simplejpeg: pip install 'ngkit[jpeg]')"
+            )
+        return chosen
     return available_decoders()[0]
 
 
