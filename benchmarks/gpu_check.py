@@ -394,6 +394,35 @@ def section_fid(s: dict[str, Any], dry: bool) -> dict[str, Any]:
     return {"batch": s["fid_batch"], **out}
 
 
+def floor_flops(batch: int = 1) -> dict[str, float]:
+    """FLOPs of the ImageNet-256 step's model work for ``batch`` images (K = 8): drawing the K
+    sequences, the teacher-forced pass forward + backward, the decoder forward + backward on
+    the K * B images; linear in the batch. Runs on a CPU (``--count-flops``, about a minute)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ngkit.components import ImageSpec, LatentSpec
+    from ngkit_plugins.conv_decoder import ConvDecoder
+
+    s = shapes(False)
+    enc = _encoder(s)
+    dec = ConvDecoder(image=ImageSpec(3, 256, 256), latent=enc.latent, width=64, res_blocks=2)
+    x = torch.rand(batch, 3, 256, 256)
+    parts = {}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        z, _ = enc.sample(x, s["samples"])
+    parts["sampling"] = counter.get_total_flops()
+    with counter:
+        enc.log_prob(x, z).logq.sum().backward()
+    parts["teacher-forced fwd+bwd"] = counter.get_total_flops()
+    x_k = x.expand(s["samples"], *x.shape).flatten(0, 1)
+    with counter:
+        dec.log_prob(x_k, dec(dec.embed(z.flatten(0, 1)))).sum().backward()
+    parts["decoder fwd+bwd"] = counter.get_total_flops()
+    return {**parts, "total": sum(parts.values()), "batch": batch}
+
+
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "attention": lambda s, dry: section_attention(s),
     "step": section_step,
@@ -487,7 +516,12 @@ def main() -> None:
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                         help="change a section's time box")
     parser.add_argument("--section", choices=sorted(SECTIONS), help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--count-flops", action="store_true",
+                        help="only print the FLOPs per image of the ImageNet-256 step's model work (CPU is fine)")
     args = parser.parse_args()
+    if args.count_flops:
+        print(json.dumps(floor_flops(), indent=2))
+        return
     if args.section:
         child(args.section, args.dry_run, args.out)
         return
