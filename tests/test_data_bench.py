@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from PIL import Image
 
 from ngkit import imaging
 from ngkit_plugins.hf_data import _open, _resize_crop
+
+from child_processes import child_env
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "data.py"
 sys.path.insert(0, str(BENCH.parent))
@@ -93,7 +94,8 @@ def test_decoder_chosen_by_environment(monkeypatch):
 
 def test_data_benchmark_runs_every_decoder_and_source(tmp_path):
     out = tmp_path / "data.json"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # without this process's launcher variables: a test before may have made a process group here
+    env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(BENCH), "--dir", str(tmp_path / "jpegs"), "--images", "12", "--batch", "4",
            "--batches", "2", "--repeats", "1", "--workers", "0", "1", "--gpu-images-per-s", "1000", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

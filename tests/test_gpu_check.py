@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from child_processes import child_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
@@ -24,7 +25,8 @@ def _module():
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
     out = tmp_path / "check.json"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # without this process's launcher variables: a test before may have made a process group here
+    env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
