@@ -207,7 +207,7 @@ def _engine_steps(recipe: Any, steps: int, warmup: int, prepare: Callable[[Any],
     from ngkit.engine.deepspeed_engine import DTYPES, make_engine
     from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
     from ngkit.engine.step import StepPlan, train_step
-    from ngkit.engine.train_loop import seed_everything
+    from ngkit.engine.seeding import seed_everything
 
     device = pick_device(recipe.run.device)
     set_accelerator_env(device)

@@ -21,7 +21,7 @@ from ngkit.engine.deepspeed_engine import make_engine
 from ngkit.engine.distributed import all_ranks_agree, init_distributed
 from ngkit.engine.gradients import adaptive_clip_
 from ngkit.engine.step import StepPlan, StepResult, host_floats, train_step
-from ngkit.engine.train_loop import seed_everything
+from ngkit.engine.seeding import seed_everything
 from ngkit.errors import TrainingError
 from ngkit.recipe import parse_recipe
 from tiny_recipe import tiny
