@@ -31,11 +31,12 @@ from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import DistInfo, init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import EvalResult, evaluate
+from ngkit.engine.lock import holds_run_dir
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
 from ngkit.engine.seeding import rng_state, seed_everything, set_rng_state
 from ngkit.engine.signals import StopSignals
-from ngkit.engine.step import StepPlan, train_step
+from ngkit.engine.step import StepPlan, host_floats, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
 from ngkit.plugins import get_plugin_manager, get_registry
 from ngkit.recipe import Recipe, recipe_to_dict
@@ -103,12 +104,14 @@ class Loop:
     save_due: bool = False  # a rank asked for a checkpoint at the next chance
     t_start: float = field(default_factory=time.perf_counter)
     t_saved: float = field(default_factory=time.perf_counter)
-    window: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # sums since the last log
+    # sums since the last log: floats, and float64 scalars left on the device by the step
+    window: dict[str, Any] = field(default_factory=lambda: defaultdict(float))
     window_steps: int = 0
     window_applied: int = 0
     t_window: float = field(default_factory=time.perf_counter)
 
 
+@holds_run_dir  # one live run per directory (ngkit.engine.lock)
 def train(
     recipe: Recipe, out_dir: Path, *, resume: bool = False, quiet: bool = False,
     builder: Callable[[Recipe], Built] = build,
@@ -267,7 +270,7 @@ def expensive(metric: str) -> bool:
     return bool(getattr(get_registry().entries["metrics"][metric].factory, "expensive", False))
 
 
-def _count(t: Trainer, state: Loop, applied: bool, logs: dict[str, float]) -> None:
+def _count(t: Trainer, state: Loop, applied: bool, logs: dict[str, Any]) -> None:
     """Add a step to the log window; too many skipped in a row (non-finite loss or gradient) stop
     the run, pointing at the newest checkpoint."""
     state.window_steps += 1
@@ -292,8 +295,9 @@ def _count(t: Trainer, state: Loop, applied: bool, logs: dict[str, float]) -> No
 def _log_window(t: Trainer, state: Loop) -> None:
     """One ``train`` record: the window's mean logs, learning rate, throughput, skipped steps."""
     elapsed = time.perf_counter() - state.t_window
-    record = {"kind": "train", "step": state.step,
-              **{k: v / max(1, state.window_applied) for k, v in state.window.items()}}
+    # the window's device values (see ngkit.engine.step) reach the host here, once per log interval
+    means = host_floats({k: v / max(1, state.window_applied) for k, v in state.window.items()})
+    record = {"kind": "train", "step": state.step, **means}
     record["lr"] = t.engine.get_lr()[0]
     record["images_per_s"] = state.window_steps * t.facts["global_batch"] / max(elapsed, 1e-9)
     record["skipped_steps"] = state.skipped
