@@ -101,6 +101,9 @@ class ScheduleSection(Section):
 
 class RunSection(Section):
     steps: int = Field(gt=0, description="optimiser steps")
+    seconds: float | None = Field(
+        None, gt=0, description="wall-clock budget: end at the first step past it (schedules still span steps)"
+    )
     seed: int = 0
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="held-out eval cadence in steps; 0: at the end")

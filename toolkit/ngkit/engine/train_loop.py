@@ -29,7 +29,7 @@ from ngkit.engine import checkpoint
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
-from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
+from ngkit.engine.distributed import all_ranks_agree, init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.evaluate import evaluate
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
@@ -205,6 +205,10 @@ def train(
             taken = train_step(engine, batches, step, plan, stop_requested=lambda: signals.requested,
                                save_overdue=save_overdue)
             save_due = save_due or taken.save_due
+            # [run] seconds: every rank ends at the first step past the budget (rank clocks differ: one all-reduce)
+            out_of_time = bool(run_cfg.seconds) and not all_ranks_agree(
+                time.perf_counter() - t_start < run_cfg.seconds, device=dist.device)[0]
+            last = step == run_cfg.steps or out_of_time
             if taken.stop and stop_signal is None:
                 stop_signal = signals.name or "a signal to another rank"
             window_steps += 1
@@ -225,7 +229,7 @@ def train(
                         f"resume with --resume {out_dir} --set optim.lr=..."
                     )
 
-            if step % run_cfg.log_every == 0 or step == run_cfg.steps:
+            if step % run_cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - t_window
                 record = {"kind": "train", "step": step, **{k: v / max(1, window_applied) for k, v in window.items()}}
                 record["lr"] = engine.get_lr()[0]
@@ -238,7 +242,7 @@ def train(
                 window.clear()
                 window_steps, window_applied, t_window = 0, 0, time.perf_counter()
 
-            if run_cfg.eval_every and step % run_cfg.eval_every == 0 and step != run_cfg.steps:
+            if run_cfg.eval_every and step % run_cfg.eval_every == 0 and not last:
                 result = run_eval(step, train_metrics, recipe.eval.periodic_images or recipe.eval.num_images)
                 record = {"kind": "eval", "step": step, **{f"test/{k}": v for k, v in result.values.items()}}
                 if main:
@@ -247,10 +251,10 @@ def train(
                 progress.update(step, record)
 
             every = run_cfg.checkpoint_every and step % run_cfg.checkpoint_every == 0
-            if step != run_cfg.steps and (every or save_due or stop_signal):
+            if not last and (every or save_due or stop_signal):
                 save(step)
                 saved_step, t_saved, save_due = step, time.perf_counter(), False
-            if stop_signal:
+            if stop_signal or out_of_time:
                 break
 
     if stop_signal:
@@ -271,6 +275,7 @@ def train(
         "recipe": trained,
         "step": step,
         "train_seconds": train_seconds,
+        "stopped_by": "time" if step < run_cfg.steps else "steps",
         "skipped_steps": skipped,
         "unreadable_images": len(batches.unreadable),
         "beta": built.beta(step),
