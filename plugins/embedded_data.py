@@ -174,12 +174,16 @@ def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 
 class Mnist(_LabelledImages):
     """5,000 real MNIST digits (500 of each class, from the MNIST training set), 28×28 grey in
-    [0, 1]; a fixed 4,000 / 1,000 train/test split (permutation seeded by ``TEST_SEED``)."""
+    [0, 1]; a fixed 4,000 / 1,000 train/test split (permutation seeded by ``TEST_SEED``).
+
+    ``binarize = true`` makes every pixel 0 or 1 (1 where the grey level is above 127 of 255),
+    as the DAPS authors do for their Bernoulli decoder (jadex ``data/datasets/mnist.py``)."""
 
     kind = "mnist digit"
 
-    def __init__(self, test_images: int = 1000) -> None:
-        self._split(*_mnist_5k(), test_images)
+    def __init__(self, test_images: int = 1000, binarize: bool = False) -> None:
+        images, labels = _mnist_5k()
+        self._split((images > 127 / 255).astype(np.float32) if binarize else images, labels, test_images)
 
 
 @hookimpl

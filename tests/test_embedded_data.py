@@ -93,3 +93,11 @@ def test_digits_keep_their_split():
 def test_a_split_without_images_is_a_clear_error():
     with pytest.raises(ValueError, match="test_images must be between 1 and 4999"):
         Mnist(test_images=5000)
+
+
+def test_binarized_mnist_thresholds_at_the_authors_level(mnist):
+    binary = Mnist(binarize=True)
+    assert set(binary.test_set.unique().tolist()) == {0.0, 1.0}
+    # the same images in the same order: 1 exactly where the grey level is above 127 of 255
+    assert torch.equal(binary.test_set, (torch.round(mnist.test_set * 255) > 127).float())
+    assert binary.labels == mnist.labels
