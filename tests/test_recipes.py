@@ -55,3 +55,17 @@ def test_recipe_builds_in_recipes_validate(path: Path, trusted, capsys):
 
     gpu = ["--gpu"] if not is_prior_recipe(path) and load_recipe(path).distributed.precision == "fp16" else []
     assert main(["recipes", "validate", *gpu, str(path)]) == 0, capsys.readouterr().err
+
+
+def test_paper_mnist_trains_every_variant_a_few_steps(tmp_path, capsys):
+    """recipes/paper-mnist.toml as shipped (batch 256, K = 8, 8 tokens of 7 x 14, Bernoulli MLP
+    decoder), every variant for 2 steps and a short evaluation."""
+    import json
+
+    out = tmp_path / "mnist"
+    args = ["compare", str(ROOT / "recipes" / "paper-mnist.toml"), "--steps", "2", "--out", str(out),
+            "--set", "run.eval_every=0", "--set", "eval.num_images=64", "--set", "eval.batch_size=64"]
+    assert main(args) == 0, capsys.readouterr().err
+    table = {row["variant"]: row for row in json.loads((out / "results.json").read_text())["table"]}
+    assert set(table) == {"daps-na", "daps", "fsq", "vqvae"}
+    assert all(row["bits_per_image"] == 64 and row["step"] == 2 and 0 < row["psnr"] < 60 for row in table.values())
