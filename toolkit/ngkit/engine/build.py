@@ -80,8 +80,14 @@ def build_dataset(recipe: Recipe, source: str = "recipe") -> ImageDataset:
     """The ``[data]`` dataset with ``[data] channels``: a dataset that declares a ``channels``
     parameter makes them itself (the ``hf`` plugin decodes to grey or RGB), any other is
     converted image by image (:class:`ngkit.channels.WithChannels`)."""
-    kind, table, where = component_tables(recipe)[0]
-    channels = recipe.data.channels
+    _, table, where = component_tables(recipe)[0]
+    return dataset_with_channels(table, recipe.data.channels, where, source)
+
+
+def dataset_with_channels(table: dict[str, Any], channels: int | None, where: str = "data",
+                          source: str = "recipe") -> ImageDataset:
+    """The dataset of a ``[data]`` table without the core's keys, made or converted to ``channels``."""
+    kind = "datasets"
     try:
         dataset = build_component(kind, table, {"channels": channels}, where)
     except RecipeError as exc:
