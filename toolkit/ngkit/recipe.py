@@ -102,7 +102,8 @@ class ScheduleSection(Section):
 class RunSection(Section):
     steps: int = Field(gt=0, description="optimiser steps")
     seconds: float | None = Field(
-        None, gt=0, description="wall-clock budget: end at the first step past it (schedules still span steps)"
+        None, gt=0,
+        description="wall-clock budget of this process: end at the first step past it (schedules still span steps; a resumed run gets it afresh)",
     )
     seed: int = 0
     log_every: int = Field(10, gt=0)
