@@ -28,7 +28,7 @@ def test_converted_spec_keeps_the_mean_of_the_luma_exactly():
     assert grey.shape == (1, 8, 8)
     assert grey.mean[0] == pytest.approx(0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6)
     assert grey.std[0] == pytest.approx(0.299 * 0.1 + 0.587 * 0.2 + 0.114 * 0.3)
-    assert converted_spec(ImageSpec(1, 8, 8, (0.3,), (0.2,)), 3) == ImageSpec(3, 8, 8, (0.3,), (0.2,))
+    assert converted_spec(ImageSpec(1, 8, 8, (0.3,), (0.2,)), 3) == ImageSpec(3, 8, 8, (0.3,) * 3, (0.2,) * 3)
 
 
 @pytest.mark.parametrize("name, have, want", [("digits", 1, 3), ("photos", 3, 1)])

@@ -35,11 +35,13 @@ def convert(img: Tensor, channels: int) -> Tensor:
 
 
 def converted_spec(spec: ImageSpec, channels: int) -> ImageSpec:
-    """The spec of converted images. Grey -> RGB keeps the one mean and std (they apply to every
-    channel). RGB -> grey: the mean is exact (luma is linear); the std is that of perfectly
-    correlated channels (sum of w_i std_i), an upper bound, close for photos."""
-    if channels == spec.channels or spec.channels == 1:
-        return replace(spec, channels=channels)
+    """The spec of converted images. Grey -> RGB repeats the mean and std for every channel.
+    RGB -> grey: the mean is exact (luma is linear); the std is that of perfectly correlated
+    channels (sum of w_i std_i), an upper bound, close for photos."""
+    if channels == spec.channels:
+        return spec
+    if spec.channels == 1:
+        return replace(spec, channels=channels, mean=spec.mean[:1] * channels, std=spec.std[:1] * channels)
 
     def luma(values: tuple[float, ...]) -> tuple[float]:
         full = values * 3 if len(values) == 1 else values
