@@ -170,7 +170,7 @@ def test_rank_state_loads_weights_only_and_restores_every_generator(tmp_path):
 
     import numpy as np
 
-    from ngkit.engine.train_loop import rng_state, set_rng_state
+    from ngkit.engine.seeding import rng_state, set_rng_state
 
     torch.manual_seed(3), np.random.seed(4), random.seed(5)
     np.random.standard_normal()  # a cached gaussian in numpy's state
@@ -389,4 +389,11 @@ def test_a_recipe_whose_widths_do_not_fit_the_weights_names_the_tensor_and_both_
     err = " ".join(capsys.readouterr().err.split())
     assert "size mismatch for" in err and "torch.Size([" in err and "Traceback" not in err, err
     with pytest.raises(WeightsError, match=r"size mismatch for decoder\..*torch.Size"):
+        ngkit.load(run)
+
+
+@pytest.mark.parametrize("text", ['{"image": 3}', "not json", '{"image": {"channels": 1}, "latent": {}}'])
+def test_a_damaged_specs_json_is_one_clear_error(run, text):
+    (run / "specs.json").write_text(text)
+    with pytest.raises(WeightsError, match="specs.json is damaged"):
         ngkit.load(run)

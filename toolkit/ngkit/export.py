@@ -51,10 +51,16 @@ def run_specs(run_dir: Path, codes: int, patch_size: int) -> tuple[ImageSpec, La
     if not path.is_file():  # a run trained before specs.json was written: ask its dataset
         image = build_dataset(load_recipe(run_dir / "recipe.toml")).spec
         return image, latent_for(image, codes, patch_size)
-    raw = json.loads(path.read_text())
-    image = dict(raw["image"])
-    image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
-    return ImageSpec(**image), LatentSpec(tuple(raw["latent"]["grid"]), int(raw["latent"]["codes"]))
+    try:
+        raw = json.loads(path.read_text())
+        image = dict(raw["image"])
+        image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
+        return ImageSpec(**image), LatentSpec(tuple(raw["latent"]["grid"]), int(raw["latent"]["codes"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(
+            f"{path} is damaged ({type(exc).__name__}: {str(exc)[:200]}); it should hold the run's image and latent "
+            f"spec as ngkit run wrote it"
+        ) from exc
 
 
 def image_config(image: ImageSpec) -> dict[str, Any]:
