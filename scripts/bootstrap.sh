@@ -9,5 +9,5 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 pip_install "torch==$(sed -n 's/^torch==//p' constraints.txt)"
-pip_install -c constraints.txt -e ".[test]"
+pip_install -c constraints.txt -e ".[test,quantizers]"
 echo "ngkit installed in $(pwd)/.venv" >&2
