@@ -67,8 +67,11 @@ def per_level_codes(quantizer: str, latent: LatentSpec, num_quantizers: int) -> 
 
 
 def default_levels(quantizer: str, codes: int) -> list[int]:
-    """FSQ levels for ``codes`` (a power of two >= 8): 4s and, for an odd power, one 8 (the FSQ
-    paper's tables use 4-8 levels per channel; the library refuses 2 without preserve_symmetry)."""
+    """FSQ levels for ``codes``: the paper's [8, 5, 5, 5] for 1000; for a power of two >= 4, 4s
+    and, for an odd power, one 8 (the paper's tables use 4-8 levels per channel; the library
+    refuses 2 without preserve_symmetry)."""
+    if codes == 1000:
+        return [8, 5, 5, 5]  # the FSQ paper's levels for ~2**10 codes
     bits = int(math.log2(codes)) if codes > 0 else 0
     if 2**bits != codes or bits < 2:
         raise ValueError(
@@ -181,7 +184,7 @@ def _build(name: str, make: Any, **kwargs: Any) -> nn.Module:
         raise ValueError(f"{name}: {LIBRARY} refused the options {kwargs}: {exc}") from exc
 
 
-def vq_lib(
+def vector_quantize(
     latent: LatentSpec, image: ImageSpec, *, dim: int = 64, codebook_dim: int | None = None, decay: float = 0.8,
     commitment_weight: float = 1.0, kmeans_init: bool = False, kmeans_iters: int = 10, use_cosine_sim: bool = False,
     threshold_ema_dead_code: int = 0, orthogonal_reg_weight: float = 0.0, codebook_diversity_loss_weight: float = 0.0,
@@ -189,15 +192,15 @@ def vq_lib(
     layernorm_after_project_in: bool = False, aux_weight: float | None = None,
 ) -> LibraryQuantizer:
     """VectorQuantize: nearest code of V, EMA codebook (decay 0.8) and commitment loss by default."""
-    vqp = library("vq-lib")
-    module = _build("vq-lib", vqp.VectorQuantize, dim=dim, codebook_size=latent.codes, codebook_dim=codebook_dim,
+    vqp = library("vq")
+    module = _build("vq", vqp.VectorQuantize, dim=dim, codebook_size=latent.codes, codebook_dim=codebook_dim,
                     decay=decay, commitment_weight=commitment_weight, kmeans_init=kmeans_init,
                     kmeans_iters=kmeans_iters, use_cosine_sim=use_cosine_sim,
                     threshold_ema_dead_code=threshold_ema_dead_code, orthogonal_reg_weight=orthogonal_reg_weight,
                     codebook_diversity_loss_weight=codebook_diversity_loss_weight, rotation_trick=rotation_trick,
                     learnable_codebook=learnable_codebook, ema_update=ema_update,
                     layernorm_after_project_in=layernorm_after_project_in)
-    return LibraryQuantizer("vq-lib", module, dim=dim, level_codes=latent.codes, levels=1,
+    return LibraryQuantizer("vq", module, dim=dim, level_codes=latent.codes, levels=1,
                             aux_weight=_weight(aux_weight, image))
 
 
@@ -220,18 +223,18 @@ def rvq(
                             aux_weight=_weight(aux_weight, image))
 
 
-def fsq_lib(
+def finite_scalar(
     latent: LatentSpec, *, levels: list[int] | None = None, dim: int | None = None,
     scale: float | None = None, projection_has_bias: bool = True, preserve_symmetry: bool = False,
     noise_dropout: float = 0.0, bound_hard_clamp: bool = False, orthogonal_rotation: bool = False,
 ) -> LibraryQuantizer:
     """FSQ (Mentzer et al. 2023): each channel bounded and rounded; prod(levels) = V codes, no loss."""
-    vqp = library("fsq-lib")
-    levels = check_levels("fsq-lib", levels, latent.codes) if levels is not None else default_levels("fsq-lib", latent.codes)
-    module = _build("fsq-lib", vqp.FSQ, levels=levels, dim=dim, scale=scale, projection_has_bias=projection_has_bias,
+    vqp = library("fsq")
+    levels = check_levels("fsq", levels, latent.codes) if levels is not None else default_levels("fsq", latent.codes)
+    module = _build("fsq", vqp.FSQ, levels=levels, dim=dim, scale=scale, projection_has_bias=projection_has_bias,
                     preserve_symmetry=preserve_symmetry, noise_dropout=noise_dropout,
                     bound_hard_clamp=bound_hard_clamp, orthogonal_rotation=orthogonal_rotation)
-    return LibraryQuantizer("fsq-lib", module, dim=dim or len(levels), level_codes=latent.codes, levels=1, aux_weight=0.0)
+    return LibraryQuantizer("fsq", module, dim=dim or len(levels), level_codes=latent.codes, levels=1, aux_weight=0.0)
 
 
 def rfsq(
@@ -357,7 +360,7 @@ def binary_mapper(
 
 
 QUANTIZERS = {
-    "vq-lib": vq_lib, "rvq": rvq, "fsq-lib": fsq_lib, "rfsq": rfsq, "lfq": lfq, "bsq": bsq, "rlfq": rlfq,
+    "vq": vector_quantize, "rvq": rvq, "fsq": finite_scalar, "rfsq": rfsq, "lfq": lfq, "bsq": bsq, "rlfq": rlfq,
     "simvq": simvq, "rsimvq": rsimvq, "latent-quant": latent_quant, "binary-mapper": binary_mapper,
 }
 

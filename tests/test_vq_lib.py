@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHORT = {"run": {"steps": 2, "eval_every": 0, "checkpoint_every": 0}, "eval": {"metrics": ["mse"], "num_images": 16}}
 # Small per-level widths keep each case to a few seconds; tiny's latent is 4x4 tokens of 16 codes.
-SMALL = {"vq-lib": {"dim": 8}, "rvq": {"dim": 8}, "simvq": {"dim": 8}, "rsimvq": {"dim": 8}}
+SMALL = {"vq": {"dim": 8}, "rvq": {"dim": 8}, "simvq": {"dim": 8}, "rsimvq": {"dim": 8}}
 
 
 def build(name: str, codes: int = 16, **options) -> LibraryQuantizer:
@@ -49,6 +49,7 @@ def vqvae_run(out: Path, quantizer: str | dict) -> Path:
 def test_at_least_eight_library_quantizers_are_registered() -> None:
     names = set(get_registry().names("quantizers"))
     assert set(QUANTIZERS) <= names and len(set(QUANTIZERS) - {"vq", "fsq"}) >= 8
+    assert get_registry().entries["quantizers"]["fsq"].plugin == "vq_lib"  # ngkit's own VQ/FSQ replaced
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZERS))
@@ -119,7 +120,7 @@ def test_the_vqvae_method_logs_the_quantizer_losses(tmp_path: Path) -> None:
 
 
 LIBRARY_CLASSES = {
-    "vq-lib": ["VectorQuantize"], "rvq": ["ResidualVQ", "VectorQuantize"], "fsq-lib": ["FSQ"],
+    "vq": ["VectorQuantize"], "rvq": ["ResidualVQ", "VectorQuantize"], "fsq": ["FSQ"],
     "rfsq": ["ResidualFSQ", "FSQ"], "lfq": ["LFQ"], "bsq": ["LFQ"], "rlfq": ["ResidualLFQ", "LFQ"],
     "simvq": ["SimVQ"], "rsimvq": ["ResidualSimVQ", "SimVQ"], "latent-quant": ["LatentQuantize"],
     "binary-mapper": ["BinaryMapper"],
@@ -162,12 +163,12 @@ def test_option_errors_name_the_quantizer_and_the_key() -> None:
     with pytest.raises(RecipeError, match=r"\[method.quantizer\] quantizer \"rvq\".*num_quantizers = 3.*\[1, 2, 4\]"):
         ngkit.Tokenizer.new(method="vqvae", quantizer={"name": "rvq", "num_quantizers": 3}, codes=16,
                             image_size=8, channels=1, patch_size=2)
-    with pytest.raises(RecipeError, match=r'quantizer "fsq-lib".*levels = \[8, 8\] give 64 codes.*16 are needed'):
-        ngkit.quantizer("fsq-lib", codes=16, levels=[8, 8])
+    with pytest.raises(RecipeError, match=r'quantizer "fsq".*levels = \[8, 8\] give 64 codes.*16 are needed'):
+        ngkit.quantizer("fsq", codes=16, levels=[8, 8])
     with pytest.raises(RecipeError, match=r'quantizer "lfq".*power of two.*\[model\] codes to 16'):
         ngkit.quantizer("lfq", codes=10)
-    with pytest.raises(RecipeError, match=r'quantizer "vq-lib".*vector-quantize-pytorch refused'):
-        ngkit.quantizer("vq-lib", codes=16, kmeans_init=True, use_cosine_sim=True, learnable_codebook=True)
+    with pytest.raises(RecipeError, match=r'quantizer "vq".*vector-quantize-pytorch refused'):
+        ngkit.quantizer("vq", codes=16, kmeans_init=True, use_cosine_sim=True, learnable_codebook=True)
 
 
 def test_a_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +182,7 @@ def test_a_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
         QUANTIZERS["lfq"](latent=LatentSpec((1, 1), 16), image=ImageSpec(1, 1, 1))
 
 
-@pytest.mark.parametrize("quantizer", ["rvq", "fsq-lib"])
+@pytest.mark.parametrize("quantizer", ["rvq", "fsq"])
 def test_codes_feed_a_prior(quantizer: str, tmp_path: Path) -> None:
     """One residual and one plain quantizer: `ngkit prior train` on their codes, then samples decode."""
     run = vqvae_run(tmp_path / "tokenizer", quantizer)
@@ -206,7 +207,7 @@ def test_the_example_in_docs_baselines_runs() -> None:
     exec(blocks[0].split("```")[0], scope)  # noqa: S102 - our own documentation
     assert scope["codes"].shape == (4, 16) and scope["codes"].max() < 256 and scope["aux"].dim() == 0
     assert scope["images"].shape == (2, 3, 32, 32)
-    assert repr(scope["tok"]) == "Tokenizer(fsq: 3x32x32 images <-> 4x4 tokens of 1000 codes, step 0, cpu)"
+    assert repr(scope["tok"]) == "Tokenizer(fsq: 3x32x32 images <-> 4x4 tokens of 256 codes, step 0, cpu)"
 
 
 def test_tokenizer_new_builds_with_the_registered_plugins() -> None:
