@@ -136,8 +136,9 @@ class LibraryQuantizer(Quantizer):
         return quantized, (levels * self.radix).sum(-1), aux, logs
 
     def _levels(self, indices: Tensor) -> Tensor:
-        """Library indices ``[B, L]`` or ``[B, L, Q]`` -> ``[B, L, Q]`` long."""
-        indices = indices.long()
+        """Library indices ``[B, L]`` or ``[B, L, Q]`` -> ``[B, L, Q]`` long. A diverged step's NaN
+        features give out-of-range indices: clamped, so the step's NaN loss is what skips it."""
+        indices = indices.long().clamp(0, self.level_codes - 1)
         return indices.unsqueeze(-1) if indices.dim() == 2 else indices
 
     def split(self, codes: Tensor) -> Tensor:
@@ -163,9 +164,12 @@ class BinaryMapperQuantizer(LibraryQuantizer):
         self.table = nn.Parameter(module.codes.float() * 2 - 1)
 
     def forward(self, h: Tensor) -> Quantized:  # type: ignore[override]
-        one_hot, indices, kl = self.module(h, temperature=self.temperature, deterministic=not self.training,
+        # Bernoulli draws refuse NaN probabilities: a diverged step samples from finite logits and
+        # keeps its loss NaN through the zero term, so the engine skips it.
+        finite = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+        one_hot, indices, kl = self.module(finite, temperature=self.temperature, deterministic=not self.training,
                                            return_indices=True)
-        aux = self.aux_weight * kl.sum()
+        aux = self.aux_weight * kl.sum() + 0 * (h - finite).sum()
         return one_hot @ self.table, indices.long(), aux, {"q_aux": aux.detach().float()}
 
     def codes_to_vectors(self, codes: Tensor) -> Tensor:

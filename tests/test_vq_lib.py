@@ -218,3 +218,12 @@ def test_tokenizer_new_builds_with_the_registered_plugins() -> None:
     assert not tok.method.training and tok.config["step"] == 0
     codes = tok.encode(torch.rand(3, 1, 8, 8))
     assert codes.shape == (3, 16) and tok.decode(codes).shape == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_nan_features_give_codes_in_range_and_a_nan_loss_or_output(name: str) -> None:
+    """What a diverged step feeds the quantizer: codes stay valid; the NaN reaches the loss."""
+    q = build(name)
+    quantized, codes, aux, _ = q(torch.full((2, 3, q.dim), float("nan")))
+    assert codes.min() >= 0 and codes.max() < 16
+    assert not (torch.isfinite(quantized).all() and torch.isfinite(aux))
