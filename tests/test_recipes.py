@@ -86,3 +86,20 @@ def test_paper_mnist_trains_every_variant_a_few_steps(tmp_path, capsys):
     table = {row["variant"]: row for row in json.loads((out / "results.json").read_text())["table"]}
     assert set(table) == {"daps-na", "daps", "fsq", "vqvae"}
     assert all(row["bits_per_image"] == 64 and row["step"] == 2 and 0 < row["psnr"] < 60 for row in table.values())
+
+
+def test_compare_quantizers_runs_every_variant(tmp_path: Path, monkeypatch):
+    """recipes/compare-quantizers.toml: every quantizer and DAPS-NA train 2 steps in one compare,
+    each at the same 128 bits per image."""
+    import json
+
+    pytest.importorskip("vector_quantize_pytorch")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "cq"
+    args = ["compare", str(ROOT / "recipes" / "compare-quantizers.toml"), "--steps", "2", "--out", str(out),
+            "--set", "run.eval_every=0", "--set", "eval.num_images=8", "--set", 'eval.metrics=["mse","usage"]']
+    assert main(args) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert len(table) == len(load_recipe(ROOT / "recipes" / "compare-quantizers.toml").compare.variants) >= 10
+    assert {row["bits_per_image"] for row in table} == {128}
+    assert all(row["step"] == 2 for row in table)
