@@ -27,8 +27,8 @@ METHODS = {
     "reinforce": {"name": "reinforce", "samples": 2},
     "gumbel": {"name": "gumbel"},
     "gr-mck": {"name": "gr-mck", "rao_samples": 2},
-    "vqvae ema codebook + restarts": {"name": "vqvae", "quantizer": {
-        "name": "vq", "dim": 8, "ema": True, "restart_dead": True, "restart_after": 1}},
+    "vqvae ema codebook + dead-code expiry": {"name": "vqvae", "quantizer": {
+        "name": "vq", "dim": 8, "threshold_ema_dead_code": 1}},
     "fsq": {"name": "fsq", "quantizer": {"name": "fsq", "levels": [4, 4]}},
 }
 
