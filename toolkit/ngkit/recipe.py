@@ -101,6 +101,12 @@ class RunSection(Section):
     out_dir: str = Field("runs/{recipe}", description="run directory; {recipe} is the file stem")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     grid_images: int = Field(8, ge=1, description="test images in the reconstruction grid")
+    ema: float = Field(
+        0.0, ge=0, lt=1, description="decay of the encoder/decoder weight average evaluated and exported; 0: off"
+    )
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description='experiment trackers fed by the trackers plugin: "tensorboard", "wandb"'
+    )
 
 
 class DistributedSection(Section):

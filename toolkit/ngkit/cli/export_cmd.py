@@ -21,6 +21,9 @@ def export_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: RUN/export)."),
     step: Optional[int] = typer.Option(None, "--step", help="Export this saved step instead of the latest."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (default, also for bf16 runs), bfloat16 or float16."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="ema (the [run] ema weight average; the default when the run kept one) or raw."
+    ),
 ) -> None:
     """Export a trained tokenizer: its weights and everything needed to rebuild it."""
     from ngkit.engine.load import locate
@@ -28,12 +31,12 @@ def export_command(
 
     run_dir, _ = locate(target, step)
     out = out or run_dir / "export"
-    snap = export(target, out, step=step, dtype=dtype)
+    snap = export(target, out, step=step, dtype=dtype, weights=weights)
     numel = sum(t.numel() for t in snap.state.values())
     size = (out / WEIGHTS).stat().st_size
     latent = snap.config["latent"]
     console.print(
-        f"exported {escape(snap.config['method'])} at step {snap.config['step']} to {escape(str(out))}: "
+        f"exported {escape(snap.config['method'])} ({snap.config['weights']} weights) at step {snap.config['step']} to {escape(str(out))}: "
         f"{WEIGHTS} ({numel:,} {dtype} values, {size / 2**20:.2f} MiB) and {CONFIG}; "
         f"{latent['tokens']} tokens x {latent['codes']} codes"
     )

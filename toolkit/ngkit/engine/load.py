@@ -81,7 +81,7 @@ def read_model_state(run_dir: Path, tag: str) -> tuple[dict[str, Tensor], dict[s
             f"{ckpt} holds neither of DeepSpeed's {' / '.join(MODEL_STATES)}; is it a complete checkpoint?"
         )
     saved = torch.load(states, map_location="cpu", weights_only=True, mmap=True)
-    client = {key: saved[key] for key in ("step", "ngkit_version") if key in saved}
+    client = {key: saved[key] for key in ("step", "ngkit_version", "ema") if key in saved}  # ema: engine/ema.py
     if zero_stage(saved) < 3:
         return dict(saved["module"]), client
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -30,6 +30,7 @@ from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_gr
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
+from ngkit.engine.ema import STATE_KEY as EMA_KEY, make_ema, weights_for_eval
 from ngkit.engine.evaluate import evaluate
 from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
@@ -111,6 +112,7 @@ def train(
     method = built.method.to(device=dist.device)
     engine = make_engine(method, recipe)
     method = engine.module
+    ema = make_ema(method, run_cfg.ema, recipe.distributed.zero_stage)  # EMA: the average
     resolved = recipe_to_dict(recipe)
     trained = (resolved.get("method") or resolved.get("prior") or {}).get("name")  # what the recipe trains
     pm = get_plugin_manager()
@@ -140,6 +142,8 @@ def train(
     if resume_tag is not None:
         client, own = checkpoint.load(engine, ckpt_dir, resume_tag, dist.rank)
         start_step = int(client["step"])
+        if ema is not None and EMA_KEY in client:  # EMA: resumed bit for bit
+            ema.load_state_dict(client[EMA_KEY], str(ckpt_dir / resume_tag))
         saved_world = int(client.get("world_size", dist.world_size))
         if own is not None and saved_world == dist.world_size:
             position, unreadable = Position(**own["data"]), set(own.get("unreadable", ()))
@@ -168,17 +172,20 @@ def train(
 
     def run_eval(step: int, names: list[str], num_images: int) -> Any:
         metrics = build_metrics(names, recipe.eval.options)
-        return evaluate(
-            method, built.dataset, metrics, num_images=num_images, batch_size=recipe.eval.batch_size,
-            beta=built.beta(step), device=dist.device, rank=dist.rank, world_size=dist.world_size,
-            keep=run_cfg.grid_images, dtype=dtype,
-        )
+        with weights_for_eval(ema, method):  # EMA: evaluated with the averaged weights
+            return evaluate(
+                method, built.dataset, metrics, num_images=num_images, batch_size=recipe.eval.batch_size,
+                beta=built.beta(step), device=dist.device, rank=dist.rank, world_size=dist.world_size,
+                keep=run_cfg.grid_images, dtype=dtype,
+            )
 
     def save(step: int) -> Path:
         epochs = torch.tensor([float(batches.position.epoch)])
         torch.distributed.all_reduce(epochs, op=torch.distributed.ReduceOp.MAX)
         state = {"step": step, "ngkit_version": __version__, "recipe": resolved,
                  "world_size": dist.world_size, "max_epoch": int(epochs.item())}
+        if ema is not None:  # EMA: checkpointed in the client state
+            state[EMA_KEY] = ema.state_dict()
         own = {"data": batches.state(), "rng": rng_state(), "unreadable": sorted(batches.unreadable)}
         path = checkpoint.save(engine, ckpt_dir, step, state, own, dist.rank, dist.world_size, keep=run_cfg.keep_checkpoints)
         if main:
@@ -209,6 +216,8 @@ def train(
                 stop_signal = signals.name or "a signal to another rank"
             window_steps += 1
             if taken.applied:
+                if ema is not None:  # EMA: only applied steps move the average
+                    ema.update(method)
                 for key, value in taken.logs.items():
                     window[key] += value
                 window_applied += 1
