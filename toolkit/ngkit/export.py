@@ -229,4 +229,12 @@ def export(
     """Export a run or checkpoint into ``out``; returns what was written."""
     snap = snapshot(target, step=step, dtype=dtype, weights=weights)
     write_export(snap, out)
+    write_card(snap, out, locate(target, step)[0])  # README.md: ngkit/model_card.py
     return snap
+
+
+def write_card(snap: Snapshot, out: Path, run_dir: Path, repo_id: str | None = None) -> None:
+    """The model card ``out/README.md`` (replaced atomically)."""
+    from ngkit.model_card import CARD, matching_summary, model_card
+
+    write_text_atomic(out / CARD, model_card(snap.config, matching_summary(snap.config, run_dir), repo_id))
