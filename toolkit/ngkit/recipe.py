@@ -139,6 +139,13 @@ class CompareSection(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], description="seeds run for every variant")
 
 
+class LossTable(Component):
+    """``[[loss]]``: a registered reconstruction loss, its weight and the step it starts at."""
+
+    weight: float = Field(1.0, ge=0, description="nats of log-likelihood per unit of the loss, per image")
+    start: int = Field(0, ge=0, description="first training step the loss applies at")
+
+
 class Recipe(Section):
     data: DataSection
     model: ModelSection
@@ -149,6 +156,7 @@ class Recipe(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     compare: CompareSection = Field(default_factory=CompareSection)
+    loss: list[LossTable] = Field(default_factory=list, description="[[loss]] tables (ngkit/losses.py)")
 
 
 def _schema_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
@@ -329,7 +337,7 @@ def reference_markdown() -> str:
     component's options, generated from the schema and the factories' signatures."""
     from ngkit.binding import factory_params
     from ngkit.components import CONTEXT_ARGS
-    from ngkit.plugins import KINDS, NOUNS, get_registry
+    from ngkit.plugins import KINDS, get_registry
 
     lines = [
         "# Recipe reference",
@@ -344,7 +352,7 @@ def reference_markdown() -> str:
     sections = {
         "data": DataSection, "model": ModelSection, "method": Component, "optim": OptimSection,
         "schedule": ScheduleSection, "run": RunSection, "distributed": DistributedSection,
-        "eval": EvalSection, "compare": CompareSection,
+        "eval": EvalSection, "compare": CompareSection, "[loss]": LossTable,  # an array of tables: [[loss]]
     }
     for name, model in sections.items():
         lines += ["", f"### [{name}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
@@ -357,7 +365,7 @@ def reference_markdown() -> str:
               + ", ".join(f"`{k}` ({v})" for k, v in CONTEXT_ARGS.items()) + "."]
     registry = get_registry()
     for kind in KINDS:
-        lines += ["", f"### {NOUNS[kind]}s ({kind})"]
+        lines += ["", f"### {kind.replace('_', ' ')} ({kind})"]
         for name in registry.names(kind):
             reg = registry.entries[kind][name]
             params, _ = factory_params(reg.factory)

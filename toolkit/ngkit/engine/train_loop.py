@@ -37,6 +37,7 @@ from ngkit.engine.run_info import RunInfo
 from ngkit.engine.signals import StopSignals
 from ngkit.engine.step import StepPlan, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
+from ngkit.losses import attach_losses, build_losses
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import Recipe, recipe_to_dict
 
@@ -110,6 +111,9 @@ def train(
     check_dataset(built.dataset, run_cfg.seed, dist.rank, dist.world_size)
     checkpoint.check_shared_dir(out_dir, dist.rank)
     method = built.method.to(device=dist.device)
+    losses = build_losses([t.model_dump() for t in recipe.loss], {"image": built.image, "latent": built.latent,
+                                                                   "total_steps": run_cfg.steps})
+    attach_losses(method, losses, dist.device)  # [[loss]]: terms of the decoder log-likelihood
     engine = make_engine(method, recipe)
     method = engine.module
     ema = make_ema(method, run_cfg.ema, recipe.distributed.zero_stage)  # EMA: the average
