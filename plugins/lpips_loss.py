@@ -96,8 +96,8 @@ class LPIPS(nn.Module):
         self.net = VGG16Trunk()
         for k, channels in enumerate(CHANNELS):
             self.add_module(f"lin{k}", LinearHead(channels))
-        self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
 
     def _input(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
@@ -106,7 +106,7 @@ class LPIPS(nn.Module):
             factor = MIN_SIDE / min(x.shape[-2:])
             size = (round(x.shape[-2] * factor), round(x.shape[-1] * factor))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return ((2 * x - 1) - self.shift) / self.scale
+        return ((2 * x - 1) - self.input_shift) / self.input_scale
 
     def forward(self, images: Tensor, reconstructions: Tensor) -> Tensor:
         """Distance per image ``[N]`` between images ``[N, C, H, W]`` in [0, 1]."""

@@ -149,6 +149,9 @@ class Toy(nn.Module):
         logp = self.decoder.log_prob(x, self.decoder(x))
         return StepOutput(-logp.mean(), {"logp": float(logp.detach().mean())})
 
+    def after_step(self, step):
+        return {}
+
 
 def test_attached_losses_lower_the_training_log_likelihood_from_their_start_step():
     toy = Toy()

@@ -19,7 +19,20 @@ likelihood, because the terms are added in training mode only. Each loss's batch
 as ``loss/<name>``.
 
 The losses live outside the method's state dict (frozen networks such as LPIPS's VGG are
-neither trained, checkpointed nor exported).
+neither trained, checkpointed nor exported). A loss with a training state of its own (the
+adversarial loss's discriminator and its optimiser) may define, beside ``__call__``:
+
+- ``attach(method)``: called once with the method before training (e.g. to find the decoder's
+  last layer);
+- ``begin_step(step)``: before each micro-batch's forward in training (the same ``step`` for the
+  micro-batches of one optimiser step);
+- ``weight_factor(nll, value) -> Tensor``: a detached factor on ``weight`` for this batch, given the
+  mean negative log-likelihood so far and the loss's batch mean (VQGAN's adaptive weight);
+- ``after_step(step) -> dict[str, float]``: after each applied optimiser step (its own update),
+  returning numbers to log;
+- ``training_state()`` / ``load_training_state(state)``: tensors and numbers kept in the
+  checkpoint's client state under ``losses`` (read back with ``weights_only=True``) and restored
+  on resume (not ``state_dict``: a frozen network's weights do not belong in every checkpoint).
 """
 
 from __future__ import annotations
@@ -60,11 +73,14 @@ def attach_losses(method: nn.Module, losses: list[WeightedLoss], device: torch.d
     if not losses:
         return
     decoder = method.decoder
-    for loss in losses:
+    for loss in losses:  # a frozen network freezes itself (LPIPS); a discriminator trains
         if isinstance(loss.fn, nn.Module):
-            loss.fn.to(device).eval().requires_grad_(False)
+            loss.fn.to(device)
     state = _State()
-    log_prob, forward = decoder.log_prob, method.forward
+    log_prob, forward, after_step = decoder.log_prob, method.forward, method.after_step
+    for loss in losses:
+        if hasattr(loss.fn, "attach"):
+            loss.fn.attach(method)
 
     def log_prob_with_losses(x: Tensor, params: Tensor) -> Tensor:
         logp = log_prob(x, params)
@@ -75,16 +91,47 @@ def attach_losses(method: nn.Module, losses: list[WeightedLoss], device: torch.d
         for loss in active:
             value = loss.fn(x.float(), recon.float())
             state.values[loss.name] = value.detach().mean()
-            logp = logp - loss.weight * value.to(logp.dtype)
+            weight = loss.weight
+            if hasattr(loss.fn, "weight_factor"):
+                factor = loss.fn.weight_factor(-logp.mean(), value.mean())
+                state.values[f"{loss.name}_scale"] = factor
+                weight = weight * factor
+            logp = logp - weight * value.to(logp.dtype)
         return logp
 
     def forward_with_logs(x: Tensor, step: int) -> StepOutput:
         state.step, state.values = step, {}
+        for loss in losses:
+            if hasattr(loss.fn, "begin_step"):
+                loss.fn.begin_step(step)
         out = forward(x, step)
         return StepOutput(out.loss, {**out.logs, **{f"loss/{k}": v for k, v in state.values.items()}})
 
+    def after_step_with_losses(step: int) -> dict[str, float]:
+        logs = dict(after_step(step))
+        for loss in losses:
+            if hasattr(loss.fn, "after_step"):
+                logs.update({f"{loss.name}/{k}": v for k, v in loss.fn.after_step(step).items()})
+        return logs
+
     decoder.log_prob = log_prob_with_losses
     method.forward = forward_with_logs
+    method.after_step = after_step_with_losses
+
+
+STATE_KEY = "losses"  # key of the losses' own state in the checkpoint's client state
+
+
+def losses_state(losses: list[WeightedLoss]) -> dict[str, Any]:
+    """The state of every loss that keeps one, by its position in ``[[loss]]``."""
+    return {str(i): loss.fn.training_state() for i, loss in enumerate(losses) if hasattr(loss.fn, "training_state")}
+
+
+def load_losses_state(losses: list[WeightedLoss], state: dict[str, Any]) -> None:
+    """Restore :func:`losses_state` (on resume)."""
+    for i, loss in enumerate(losses):
+        if str(i) in state and hasattr(loss.fn, "load_training_state"):
+            loss.fn.load_training_state(state[str(i)])
 
 
 def build_losses(tables: list[dict[str, Any]], context: dict[str, Any]) -> list[WeightedLoss]:

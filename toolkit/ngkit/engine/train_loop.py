@@ -37,7 +37,7 @@ from ngkit.engine.run_info import RunInfo
 from ngkit.engine.signals import StopSignals
 from ngkit.engine.step import StepPlan, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
-from ngkit.losses import attach_losses, build_losses
+from ngkit.losses import STATE_KEY as LOSSES_KEY, attach_losses, build_losses, load_losses_state, losses_state
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import Recipe, recipe_to_dict
 
@@ -148,6 +148,7 @@ def train(
         start_step = int(client["step"])
         if ema is not None and EMA_KEY in client:  # EMA: resumed bit for bit
             ema.load_state_dict(client[EMA_KEY], str(ckpt_dir / resume_tag))
+        load_losses_state(losses, client.get(LOSSES_KEY, {}))  # [[loss]]: e.g. the discriminator
         saved_world = int(client.get("world_size", dist.world_size))
         if own is not None and saved_world == dist.world_size:
             position, unreadable = Position(**own["data"]), set(own.get("unreadable", ()))
@@ -190,6 +191,7 @@ def train(
                  "world_size": dist.world_size, "max_epoch": int(epochs.item())}
         if ema is not None:  # EMA: checkpointed in the client state
             state[EMA_KEY] = ema.state_dict()
+        state[LOSSES_KEY] = losses_state(losses)  # [[loss]]: their own training state
         own = {"data": batches.state(), "rng": rng_state(), "unreadable": sorted(batches.unreadable)}
         path = checkpoint.save(engine, ckpt_dir, step, state, own, dist.rank, dist.world_size, keep=run_cfg.keep_checkpoints)
         if main:
