@@ -3,6 +3,7 @@ checkpointed and resumed bit for bit, evaluated in training and picked by ``ngki
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -188,3 +189,16 @@ def test_export_of_a_run_without_an_average_refuses_ema(tmp_path):
     with pytest.raises(NgkitError, match="holds no weight average"):
         export(out, tmp_path / "x", weights="ema")
     assert export(out, tmp_path / "y").config["weights"] == "raw"
+
+
+def test_ngkit_eval_scores_the_average_as_training_did(ema_run):
+    from ngkit.cli.eval_cmd import eval_run
+
+    summary = json.loads((ema_run / "summary.json").read_text())
+    args = dict(num_images=16, data=None, split="test", reference_stats=None, inception_weights=None,
+                batch_size=16)
+    ema = eval_run(ema_run, ["mse"], **args)
+    raw = eval_run(ema_run, ["mse"], **args, weights="raw")
+    assert ema["weights"] == "ema" and raw["weights"] == "raw"
+    assert ema["values"]["mse"] == pytest.approx(summary["metrics"]["mse"], rel=1e-6)
+    assert raw["values"]["mse"] != pytest.approx(ema["values"]["mse"], rel=1e-6)
