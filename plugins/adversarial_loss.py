@@ -22,8 +22,8 @@ of the negative log-likelihood so far (the decoder's, with earlier ``[[loss]]`` 
 The discriminator has its own AdamW (``lr``, ``betas``; taming: the generator's lr, betas 0.5,
 0.9) and takes one step after every applied optimiser step of the run, on the images and
 reconstructions of that step's micro-batches, its gradient averaged over ranks. Its weights and
-optimiser state are checkpointed with the run and resumed exactly. Not supported with ZeRO-3
-(the decoder's last layer is partitioned there).
+optimiser state are checkpointed with the run and resumed exactly. The adaptive weight is refused
+under ZeRO-3 (the decoder's last layer is partitioned there).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ngkit import hookimpl
 from ngkit.components import ImageSpec, Register
 from ngkit.distributed import mean_over_ranks
+from ngkit.errors import NgkitError
 
 
 def patch_discriminator(channels: int, width: int = 64, layers: int = 3) -> nn.Sequential:
@@ -114,6 +115,9 @@ class PatchGANLoss(nn.Module):
     def weight_factor(self, nll: Tensor, value: Tensor) -> Tensor:
         if not self.adaptive:
             return value.new_ones(())
+        if hasattr(self.last_layer, "ds_id"):  # DeepSpeed ZeRO-3 keeps only a partition on each rank
+            raise NgkitError('[loss] "patchgan": the adaptive weight needs the decoder\'s whole last layer, which '
+                             "ZeRO stage 3 partitions; use [distributed] zero_stage <= 2, or adaptive = false")
         return adaptive_weight(nll, value, self.last_layer)
 
     def after_step(self, step: int) -> dict[str, float]:
