@@ -120,7 +120,7 @@ class PatchGANLoss(nn.Module):
                              "ZeRO stage 3 partitions; use [distributed] zero_stage <= 2, or adaptive = false")
         return adaptive_weight(nll, value, self.last_layer)
 
-    def after_step(self, step: int) -> dict[str, float]:
+    def after_step(self, step: int) -> dict[str, Tensor]:
         pending, self._pending = self._pending, []
         if not pending:
             return {}
@@ -137,7 +137,8 @@ class PatchGANLoss(nn.Module):
             p.grad = mean_over_ranks(p.grad)
         self.optimizer.step()
         stats = torch.stack([sum(losses), torch.stack(reals).mean(), torch.stack(fakes).mean()])
-        return dict(zip(("d_loss", "logits_real", "logits_fake"), mean_over_ranks(stats).tolist()))
+        # left on the device: the training loop copies logs to the host once per log interval
+        return dict(zip(("d_loss", "logits_real", "logits_fake"), mean_over_ranks(stats).unbind()))
 
     def training_state(self) -> dict[str, Any]:
         """The discriminator and its optimiser, for the run's checkpoint."""

@@ -17,7 +17,6 @@ generator keyed by the example's place in the epoch, so a resumed run crops the 
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections.abc import Iterator
 from functools import partial
@@ -31,6 +30,7 @@ from torch import Tensor
 from ngkit import hookimpl
 from ngkit.components import Example, ImageSpec
 from ngkit.errors import DataError
+from ngkit.imaging import decode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,20 +42,19 @@ HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # 16-bit (and 32-bit 
 ARROW_SHUTDOWN_SLEEP_S = 0.25
 
 
-def _open(value: Any) -> Image.Image:
-    """An undecoded ``datasets`` Image value ({"bytes", "path"}) or a PIL image -> 8-bit RGB PIL.
+def _open(value: Any, min_side: int | None = None) -> Image.Image:
+    """An undecoded ``datasets`` Image value ({"bytes", "path"}) or a PIL image -> 8-bit RGB PIL,
+    a JPEG decoded at the smallest scale whose shorter side is at least ``min_side``
+    (:func:`ngkit.imaging.decode`: the fastest installed decoder).
 
     16-bit greyscale is scaled to 8 bits (a plain ``convert`` would clip it to white); float
     images are taken as [0, 1]; palette, alpha and CMYK images are converted to RGB."""
     if isinstance(value, Image.Image):
         img = value
-    elif isinstance(value, dict) and value.get("bytes") is not None:
-        img = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        img = Image.open(value["path"])
+    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+        img = decode(value["bytes"] if value.get("bytes") is not None else value["path"], min_side)
     else:
         raise ValueError(f"not an image value: {type(value).__name__}")
-    img.load()
     if img.mode in HIGH_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64) / 65535.0
         img = Image.fromarray(np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8), "L")
@@ -146,7 +145,7 @@ class HFImages:
             yield from rows[self.column]
 
     def _decode_train(self, value: Any, key: list[int]) -> Tensor:
-        return _resize_crop(_open(value), self.size, np.random.default_rng(key), self.flip)
+        return _resize_crop(_open(value, self.size), self.size, np.random.default_rng(key), self.flip)
 
     def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[Example]:
         ds = self._split(self.train_split)
@@ -167,7 +166,7 @@ class HFImages:
         values = itertools.islice(self._values(self._split(self.test_split)), shard, limit, num_shards)
         for i, value in zip(itertools.count(shard, num_shards), values):
             try:
-                yield _resize_crop(_open(value), self.size, None, False)
+                yield _resize_crop(_open(value, self.size), self.size, None, False)
             except Exception as exc:
                 raise DataError(
                     f"hf: held-out image {_name(value, str(i))} of split {self.test_split!r} is unreadable "

@@ -46,10 +46,13 @@ def _missing(package: str, tracker: str) -> NgkitError:
 
 
 def _last_step(out_dir: Path) -> int:
-    """The last step ``metrics.jsonl`` holds (0 for a new run): a resumed run starts after it."""
-    from ngkit.engine.artifacts import read_jsonl
+    """The last step ``metrics.jsonl`` holds (0 for a new run): a resumed run starts after it
+    (the training loop has truncated the log to its checkpoint before ``on_train_start``)."""
+    import json
 
-    return max((int(r["step"]) for r in read_jsonl(out_dir / "metrics.jsonl")), default=0)
+    path = out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return max((int(json.loads(line)["step"]) for line in lines if line.strip()), default=0)
 
 
 class TensorBoard:

@@ -147,7 +147,8 @@ class TransformerEncoder(Encoder):
             return z, logq.sum(-1)
 
         def draw(logp: Tensor) -> Tensor:
-            probs = _samplable((logp / temperature).softmax(-1))
+            # x / 1 is x exactly: at temperature 1 the division is only a kernel launch
+            probs = _samplable((logp if temperature == 1 else logp / temperature).softmax(-1))
             return torch.multinomial(probs.flatten(0, -2), 1).view(probs.shape[:-1])
 
         z, logq = self._autoregress(feats, num_samples, draw)
@@ -207,20 +208,84 @@ class TransformerEncoder(Encoder):
         self, feats: Tensor, num_samples: int, pick: Callable[[Tensor], Tensor]
     ) -> tuple[Tensor, Tensor]:
         """Decode ``[B, K, L]`` codes (``pick`` maps log-probs ``[B, K, V]`` to codes ``[B, K]``)
-        and their summed model log-probs ``[B, K]``."""
+        and their summed model log-probs ``[B, K]``, without autograd.
+
+        The same arithmetic as :meth:`_step` token by token (same kernels, same shapes: the same
+        codes for the same generator state, tested), with less around it per token: each block's
+        step is one function with its cache allocated once (:class:`_DecodeStep`) instead of a
+        dozen module calls and a cache that grows."""
         b, length = feats.shape[0], self.latent.tokens
-        memory = [block.cross.memory(feats) for block in self.latent_blocks]
-        caches = [_KVCache(length) for _ in self.latent_blocks]
+        n = b * num_samples
+        sdpa = not (feats.is_cuda and attention_backend() == "xformers")
+        steps = [_DecodeStep(block, feats, n, length, sdpa) for block in self.latent_blocks]
         prev = feats.new_full((b, num_samples, 1), self.latent.codes, dtype=torch.long)
         z = feats.new_empty((b, num_samples, length), dtype=torch.long)
         logq = feats.new_zeros((b, num_samples))
+        norm, head = self.latent_norm, self.head
+        drop = _dropout(self.drop)
         for t in range(length):
-            logp = self._step(prev, t, memory, caches)
+            h = drop(self.tokens_in(prev, start=t))
+            for step in steps:
+                h = step(h, t)
+            h = torch.layer_norm(h[:, :, 0], norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            logp = F.log_softmax(F.linear(h, head.weight, head.bias), dim=-1)
             token = pick(logp)
             z[:, :, t] = token
             logq += logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
             prev = token.unsqueeze(-1)
         return z, logq
+
+
+def _dropout(module: nn.Dropout) -> Callable[[Tensor], Tensor]:
+    """``module`` as a function; the identity when it drops nothing (p = 0 or eval mode), which
+    is what dropout returns then, without the calls."""
+    if module.p == 0 or not module.training:
+        return lambda x: x
+    return lambda x: F.dropout(x, module.p, True)
+
+
+class _DecodeStep:
+    """One :class:`_DecoderBlock` for one new token at a time, without autograd: the same
+    operations on the same shapes as its ``forward`` with a cache (so the same numbers), with
+    its weights bound once, a static ``[N, H, L, head_dim]`` cache, and the patch keys/values
+    laid out ``[B, H, P, head_dim]`` once, as the SDPA kernel reads them (``sdpa``; xformers on a
+    GPU takes the token-major views through :func:`ngkit.nn.attention`)."""
+
+    def __init__(self, block: _DecoderBlock, feats: Tensor, n: int, length: int, sdpa: bool) -> None:
+        self.block, self.sdpa, self.drop = block, sdpa, _dropout(block.drop)
+        self.heads = block.attn.heads
+        width = feats.shape[-1]
+        k, v = block.cross.memory(feats)  # [B, P, H, D]
+        self.memory = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())  # [B, H, P, D]
+        self.cache_k = feats.new_empty(n, self.heads, length, width // self.heads)
+        self.cache_v = torch.empty_like(self.cache_k)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Head-major ``q [N, H, M, D]``, ``k, v [N, H, S, D]`` -> token-major ``[N, M, H, D]``."""
+        if self.sdpa:  # what ngkit.nn's SDPA path computes, without its transposes
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    def __call__(self, x: Tensor, t: int) -> Tensor:
+        blk, heads, drop = self.block, self.heads, self.drop
+        b, k, m, d = x.shape
+        ln1, ln2, ln3, attn, cross = blk.ln1, blk.ln2, blk.ln3, blk.attn, blk.cross
+        up, _, down = blk.mlp
+        flat = x.reshape(b * k, m, d)
+        h = torch.layer_norm(flat, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
+        q, key, value = F.linear(h, attn.qkv.weight).view(b * k, m, 3, heads, d // heads).unbind(2)
+        self.cache_k[:, :, t] = key[:, 0]
+        self.cache_v[:, :, t] = value[:, 0]
+        out = self._attend(q.transpose(1, 2), self.cache_k[:, :, : t + 1], self.cache_v[:, :, : t + 1])
+        flat = flat + drop(F.linear(out.reshape(b * k, m, d), attn.out.weight, attn.out.bias))
+        seq = flat.view(b, k * m, d)
+        h = torch.layer_norm(seq, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+        q = F.linear(h, cross.q.weight).view(b, k * m, heads, d // heads)
+        out = self._attend(q.transpose(1, 2), *self.memory)
+        seq = seq + drop(F.linear(out.reshape(b, k * m, d), cross.out.weight, cross.out.bias))
+        h = torch.layer_norm(seq, ln3.normalized_shape, ln3.weight, ln3.bias, ln3.eps)
+        seq = seq + drop(F.linear(F.gelu(F.linear(h, up.weight, up.bias)), down.weight, down.bias))
+        return seq.view(b, k, m, d)
 
 
 class _PatchEmbed(nn.Module):
@@ -371,11 +436,14 @@ class _KVCache:
 
 def _samplable(probs: Tensor) -> Tensor:
     """Probabilities ``multinomial`` accepts: a row with a non-finite entry (a diverged step) is
-    made uniform, so sampling goes on and the step's non-finite log q makes the trainer skip it."""
-    bad = ~torch.isfinite(probs).all(-1, keepdim=True)
-    if not bad.any():
+    made uniform, so sampling goes on and the step's non-finite log q makes the trainer skip it.
+    On CPU one min/max pass decides whether any row needs it (NaN reaches both ends; 10x cheaper
+    than an isfinite mask per token); on a GPU the rows are replaced without asking, as asking
+    would wait for the device at every token."""
+    if not probs.is_cuda and all(math.isfinite(v) for v in torch.aminmax(probs)):
         return probs
-    return torch.where(bad, torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
+    good = torch.isfinite(probs).all(-1, keepdim=True)
+    return torch.where(good, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
 
 
 def _draw_factorised(base: Tensor, num_samples: int, temperature: float) -> Tensor:

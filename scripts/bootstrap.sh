@@ -11,4 +11,6 @@ PY="${PYTHON:-python3}"
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 pip_install "torch==$(sed -n 's/^torch==//p' constraints.txt)"
 pip_install -c constraints.txt -e ".[test,trackers]"
+# optional: libjpeg-turbo straight to RGB (ngkit.imaging); Pillow decodes when it is missing
+pip_install -c constraints.txt -e ".[jpeg]" || echo "simplejpeg did not install: JPEGs decode with Pillow" >&2
 echo "ngkit installed in $(pwd)/.venv" >&2

@@ -24,6 +24,7 @@ from ngkit.engine.artifacts import read_jsonl
 from ngkit.engine.progress import collapse_reason
 from ngkit.errors import NgkitError
 from ngkit.plugins import get_registry
+from ngkit.paths import name_problem
 from ngkit.recipe import Recipe, apply_overrides, parse_recipe, variant_raw
 
 console = Console(stderr=True)
@@ -62,6 +63,9 @@ def variants(raw: dict[str, Any], recipe: Recipe, labels: list[str] | None, sour
     methods = set(get_registry().names("methods"))
     out = []
     for label in chosen:
+        problem = name_problem(label, f"{source}: variant")  # it names a run directory under --out
+        if problem:
+            raise NgkitError(problem)
         if label in table:
             out.append(Variant(label, variant_raw(raw, table[label])))
         elif label in methods:

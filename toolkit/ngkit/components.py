@@ -10,6 +10,7 @@ grid, row-major), ``V`` codes in the vocabulary, images ``[B, C, H, W]`` with pi
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -206,18 +207,29 @@ class Decoder(nn.Module):
 
 
 class StepOutput(NamedTuple):
-    """What a method's forward returns: the loss to minimise and numbers to log (floats).
+    """What a method's forward returns: the loss to minimise and numbers to log (floats, or the
+    float64 scalars :func:`host_logs` leaves on the device inside the engine's step).
 
     A tuple, so that DeepSpeed's engine finds the loss tensor among the outputs."""
 
     loss: Tensor
-    logs: dict[str, float]
+    logs: dict[str, float | Tensor]
 
 
-def host_logs(stats: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar tensors -> floats in one device-to-host copy (one sync per step, not per number)."""
+# Set by the engine's training step (ngkit.engine.step): logs then stay on the device and reach
+# the host only at the loop's log interval, so no step waits for the device to report them.
+DEFER_LOGS: contextvars.ContextVar[bool] = contextvars.ContextVar("ngkit_defer_logs", default=False)
+
+
+def host_logs(stats: dict[str, Tensor]) -> dict[str, float | Tensor]:
+    """Scalar tensors -> floats in one device-to-host copy (a sync: one per call, not per number).
+    Inside the engine's step: detached float64 scalars on the device instead, no sync; the step
+    averages them there and the loop copies them to the host at ``log_every``."""
     device = next(iter(stats.values())).device
-    return dict(zip(stats, torch.stack([v.detach().double().to(device) for v in stats.values()]).tolist()))
+    values = torch.stack([v.detach().double().to(device) for v in stats.values()])
+    if DEFER_LOGS.get():
+        return dict(zip(stats, values.unbind()))
+    return dict(zip(stats, values.tolist()))
 
 
 class Method(nn.Module):

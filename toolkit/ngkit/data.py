@@ -18,6 +18,7 @@ distinct name; too many of them, as a fraction of the examples read, stop the ru
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,7 +45,9 @@ def _check(img: Any, shape: tuple[int, ...], where: str) -> Tensor:
         raise DataError(f"{where} is a {type(img).__name__}, expected a [C, H, W] float tensor")
     if tuple(img.shape) != shape:
         raise DataError(f"{where} has shape {tuple(img.shape)}, expected {shape}")
-    if not torch.isfinite(img).all():
+    # NaN propagates to both ends and an infinity shows at one: one pass, 10x cheaper than
+    # isfinite(img).all(), which builds a mask (0.4 ms of a 256x256 crop's ~3 ms; benchmarks/data.py)
+    if img.numel() and not all(math.isfinite(v) for v in torch.aminmax(img.float())):
         raise DataError(f"{where} has non-finite pixels (corrupt data?)")
     return img.float()
 

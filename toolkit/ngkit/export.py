@@ -8,8 +8,8 @@ state. The same checkpoint always gives the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,9 @@ from ngkit import __version__
 from ngkit.binding import factory_params
 from ngkit.components import ImageSpec, LatentSpec, Method
 from ngkit.engine.build import MODEL_TABLES, build_dataset, build_method, latent_for, model_tables
-from ngkit.engine.checkpoint import write_text_atomic
 from ngkit.engine.load import locate, read_model_state
 from ngkit.errors import NgkitError, WeightsError
+from ngkit.export_files import staged_dir
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import load_recipe
 
@@ -51,10 +51,16 @@ def run_specs(run_dir: Path, codes: int, patch_size: int) -> tuple[ImageSpec, La
     if not path.is_file():  # a run trained before specs.json was written: ask its dataset
         image = build_dataset(load_recipe(run_dir / "recipe.toml")).spec
         return image, latent_for(image, codes, patch_size)
-    raw = json.loads(path.read_text())
-    image = dict(raw["image"])
-    image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
-    return ImageSpec(**image), LatentSpec(tuple(raw["latent"]["grid"]), int(raw["latent"]["codes"]))
+    try:
+        raw = json.loads(path.read_text())
+        image = dict(raw["image"])
+        image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
+        return ImageSpec(**image), LatentSpec(tuple(raw["latent"]["grid"]), int(raw["latent"]["codes"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(
+            f"{path} is damaged ({type(exc).__name__}: {str(exc)[:200]}); it should hold the run's image and latent "
+            f"spec as ngkit run wrote it"
+        ) from exc
 
 
 def image_config(image: ImageSpec) -> dict[str, Any]:
@@ -210,17 +216,19 @@ def choose_weights(
 
 
 def write_export(snap: Snapshot, out: Path) -> None:
-    """``out/model.safetensors`` and ``out/config.json`` (each replaced atomically)."""
+    """Write ``out`` as a whole: the files go into a sibling temporary folder, which then takes
+    ``out``'s place in one rename (:func:`ngkit.export_files.replace_dir`), so a killed export leaves
+    the old folder or the new one. ``config.json`` also records each file's SHA-256, which
+    ``ngkit.load`` checks."""
     from safetensors.torch import save
 
-    out.mkdir(parents=True, exist_ok=True)
     # One metadata key: safetensors keeps metadata in a Rust HashMap, whose order (so the bytes)
     # changes from process to process with two or more keys. The format is named in config.json.
     data = save(snap.state, metadata={"format": "pt"})
-    tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, out / WEIGHTS)
-    write_text_atomic(out / CONFIG, json.dumps(snap.config, indent=2, sort_keys=True) + "\n")
+    config = {**snap.config, "files": {WEIGHTS: hashlib.sha256(data).hexdigest()}}
+    with staged_dir(out) as tmp:
+        (tmp / WEIGHTS).write_bytes(data)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export(

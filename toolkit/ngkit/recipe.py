@@ -15,9 +15,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ngkit.errors import RecipeError
+from ngkit.paths import deepspeed_path_problems, name_problem, relative_problem
 
 
 class Component(BaseModel):
@@ -108,6 +109,14 @@ class RunSection(Section):
         default_factory=list, description='experiment trackers fed by the trackers plugin: "tensorboard", "wandb"'
     )
 
+    @field_validator("out_dir")
+    @classmethod
+    def _below_here(cls, value: str) -> str:
+        problem = relative_problem(value, "out_dir")
+        if problem:
+            raise ValueError(problem)
+        return value
+
 
 class DistributedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -117,6 +126,14 @@ class DistributedSection(Section):
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="extra DeepSpeed config keys, merged last"
     )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _paths_below_here(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problems = deepspeed_path_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class EvalSection(Section):
@@ -137,6 +154,14 @@ class CompareSection(Section):
         description="label -> partial recipe merged over this one (a new [method] replaces it whole)",
     )
     seeds: list[int] = Field(default_factory=lambda: [0], description="seeds run for every variant")
+
+    @field_validator("variants")
+    @classmethod
+    def _plain_labels(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        problems = [p for label in value if (p := name_problem(label, "variant"))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class LossTable(Component):
@@ -184,6 +209,8 @@ def format_errors(exc: ValidationError, schema: type[BaseModel]) -> list[str]:
             problems.append(f"[{key}] unknown key{hint} (allowed: {', '.join(allowed)})")
         elif err["type"] == "missing":
             problems.append(f"[{key}] is required but missing")
+        elif err["type"] == "value_error" and "error" in err.get("ctx", {}):  # our validators' own words
+            problems.append(f"[{key}] {err['ctx']['error']}")
         else:
             found = err.get("input")
             problems.append(f"[{key}] {err['msg']}; found {found!r}")
@@ -254,7 +281,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is dropped
     except FileNotFoundError:
         raise RecipeError(str(path), ["file not found; list shipped recipes with 'ngkit recipes list'"]) from None
     except IsADirectoryError:
@@ -284,6 +311,10 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
         problems = format_errors(exc, Recipe) + check_recipe_components(raw, skip=located)
         raise RecipeError(source, problems) from None
     problems = check_recipe_components(recipe.model_dump())
+    from ngkit.export_config import size_problems  # absurd widths/depths, before anything is built
+
+    model = recipe.model_dump()["model"]
+    problems += [p.removeprefix("the recipe ") for p in size_problems({f"model.{k}": model[k] for k in ("encoder", "decoder")}, "the recipe")]
     for label, partial in recipe.compare.variants.items():
         try:
             parse_recipe(variant_raw(raw, partial), f"{source} [compare.variants.{label}]")

@@ -176,16 +176,35 @@ def from_export(config: dict[str, Any], state: dict[str, Tensor], source: str) -
     """Rebuild the method an export describes and load its weights."""
     from ngkit.engine.build import build_method
     from ngkit.export import DTYPES, FORMAT, FORMAT_VERSION
+    from ngkit.export_config import check_config
 
+    if not isinstance(config, dict):
+        raise WeightsError(f"{source} is not an ngkit tokenizer config (a JSON object)")
     if config.get("format") != FORMAT or config.get("format_version", 0) > FORMAT_VERSION:
         raise WeightsError(
             f"{source} is not an ngkit tokenizer config of format {FORMAT} <= {FORMAT_VERSION} (found "
             f"{config.get('format')!r} version {config.get('format_version')!r}); upgrade ngkit or re-export"
         )
+    check_config(config, source)
     check_sources(config, source)
-    with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG be
-        _, method = build_method(config["components"], *specs(config), config["total_steps"])
-    missing, unexpected = method.load_state_dict(state, strict=False)
+    try:
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG be
+            _, method = build_method(config["components"], *specs(config), config["total_steps"])
+    except NgkitError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+        raise WeightsError(
+            f"{source}: its components cannot be built ({type(exc).__name__}: {str(exc)[:300]}); the config "
+            f"was changed by hand or comes from another version of a plugin"
+        ) from exc
+    try:
+        missing, unexpected = method.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # torch names each tensor whose shape differs, with both shapes
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:6] if line.strip())
+        raise WeightsError(
+            f"the weights of {source} do not fit the method its config builds: {detail or exc}; the config's "
+            f"widths or depths were changed, or the files come from different exports"
+        ) from exc
     not_exported = set(config["not_exported"])
     missing = [key for key in missing if key.split(".")[0] not in not_exported]
     if missing or unexpected:
@@ -195,6 +214,39 @@ def from_export(config: dict[str, Any], state: dict[str, Tensor], source: str) -
             f"re-export the run with this version of ngkit and its plugins"
         )
     return Tokenizer(method.to(DTYPES[config["dtype"]]), config)
+
+
+def read_export_config(path: Path) -> dict[str, Any]:
+    """An export's config.json as a dict, or a :class:`WeightsError` saying why not."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WeightsError(f"{path} is not readable JSON ({type(exc).__name__}: {str(exc)[:200]}); re-export it") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path} is not an ngkit tokenizer config (a JSON object, found {type(config).__name__})")
+    return config
+
+
+def read_export_weights(folder: Path, config: dict[str, Any]) -> dict[str, Tensor]:
+    """The export's tensors, after checking the SHA-256 its config records (a torn or mixed export
+    is refused); safetensors holds no code, and a damaged file is one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ngkit.engine.safe_load import sha256
+    from ngkit.export import CONFIG, WEIGHTS
+
+    weights = folder / WEIGHTS
+    recorded = config.get("files", {}).get(WEIGHTS) if isinstance(config.get("files"), dict) else None
+    if recorded is not None and sha256(weights) != recorded:
+        raise WeightsError(
+            f"{weights} does not match the SHA-256 its {CONFIG} records: the export is torn (interrupted while "
+            f"being written) or its files come from different exports; export it again"
+        )
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{weights} is not a readable safetensors file ({exc}); export it again") from exc
 
 
 def load(path: str | Path, *, step: int | None = None, device: str | torch.device = "cpu") -> Tokenizer:
@@ -208,10 +260,8 @@ def load(path: str | Path, *, step: int | None = None, device: str | torch.devic
             raise NgkitError(f"{path} is an export of one step ({CONFIG}); step= applies to run directories")
         if not (path / WEIGHTS).is_file():
             raise WeightsError(f"{path} has a {CONFIG} but no {WEIGHTS}; re-export it with ngkit export")
-        from safetensors.torch import load_file
-
-        config = json.loads((path / CONFIG).read_text())
-        tokenizer = from_export(config, load_file(path / WEIGHTS), str(path / CONFIG))
+        config = read_export_config(path / CONFIG)
+        tokenizer = from_export(config, read_export_weights(path, config), str(path / CONFIG))
     elif path.is_dir():
         snap = snapshot(path, step=step)
         tokenizer = from_export(snap.config, snap.state, str(path))

@@ -19,8 +19,8 @@ from rich.markup import escape
 
 from ngkit import __version__
 from ngkit.cli import (
-    bench_cmd, compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, prior_cmd, recipes_cmd, run_cmd, sample_cmd,
-    weights_cmd,
+    bench_cmd, checkpoint_cmd, compare_cmd, encode_cmd, eval_cmd, export_cmd, plugins_cmd, prior_cmd, recipes_cmd,
+    run_cmd, sample_cmd, weights_cmd,
 )
 from ngkit.errors import NgkitError, RunStopped
 from ngkit.plugins import add_plugin_commands
@@ -43,6 +43,7 @@ app.command("encode")(encode_cmd.encode_command)
 app.add_typer(prior_cmd.app, name="prior")
 app.command("sample")(sample_cmd.sample_command)
 app.command("bench")(bench_cmd.bench_command)
+app.add_typer(checkpoint_cmd.app, name="checkpoint")
 
 err = Console(stderr=True)
 DEBUG = {"on": False}
@@ -139,6 +140,20 @@ def plugin_error(exc: BaseException, command: str) -> str | None:
     )
 
 
+def unreadable_file_error(exc: BaseException) -> str | None:
+    """A refusal of the safe loaders that reached here unwrapped (every load site names its file;
+    this is the net under them): one message, never the unpickler's traceback."""
+    import pickle
+
+    from ngkit.engine.safe_load import TRUST_HINT
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return f"a file could not be loaded safely ({exc}); {TRUST_HINT}"
+    if type(exc).__name__ == "SafetensorError":
+        return f"a safetensors file is damaged or not safetensors ({exc})"
+    return None
+
+
 def _report(message: str, code: int) -> int:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return code
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_usage_error(exc):  # they carry their own exit code (2)
             exc.show()
             return exc.exit_code
-        message = plugin_error(exc, shlex.join(argv))
+        message = plugin_error(exc, shlex.join(argv)) or unreadable_file_error(exc)
         if message is None:  # not from a plugin: an ngkit bug, whose traceback is the report
             raise
         if DEBUG["on"]:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 
@@ -106,7 +105,3 @@ def save_curves(path: Path, records: list[dict[str, Any]], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def to_float(value: Any) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)

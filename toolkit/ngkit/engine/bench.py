@@ -24,7 +24,7 @@ from ngkit.engine.build import build
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.step import PhaseTimer, StepPlan, instrument, train_step
-from ngkit.engine.train_loop import seed_everything
+from ngkit.engine.seeding import seed_everything
 from ngkit.recipe import Recipe
 
 

@@ -18,6 +18,7 @@ from ngkit.binding import build_component, component_label, component_tables
 from ngkit.plugins import get_registry
 from ngkit.components import BetaSchedule, ImageDataset, ImageSpec, LatentSpec, Method, Metric
 from ngkit.errors import RecipeError
+from ngkit.engine.sizes import check_memory
 from ngkit.recipe import Recipe
 
 # Images in the shape-check batch: more than one, so a decoder that mixes up the batch axis shows.
@@ -116,6 +117,8 @@ def build(recipe: Recipe, dataset: ImageDataset | None = None, source: str = "re
     image = dataset.spec
     latent = latent_for(image, recipe.model.codes, recipe.model.patch_size, source)
     beta, method = build_method(model_tables(recipe), image, latent, recipe.run.steps, source)
+    cuda = recipe.run.device == "cuda" or (recipe.run.device == "auto" and torch.cuda.is_available())
+    check_memory(recipe, image, latent, sum(p.numel() for p in method.parameters()), "cuda" if cuda else "cpu", source)
     return Built(dataset, image, latent, beta, method)
 
 

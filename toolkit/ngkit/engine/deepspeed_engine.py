@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ngkit.components import Method
+from ngkit.engine import safe_load
 from ngkit.engine.gradients import GuardedAdamW
 from ngkit.recipe import Recipe
 
@@ -76,6 +77,7 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
     if engine.optimizer is not optimizer:  # a ZeRO or bf16 wrapper steps ours
         optimizer.outer = engine.optimizer
     engine.ngkit_optimizer = optimizer  # the training loop's handle on the non-finite guard
+    safe_load.install(engine)  # load_checkpoint reads weights-only (ngkit.engine.safe_load)
     _match_norm_statistics(engine.module)
     return engine
 

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -141,13 +142,36 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_ranks_agree(*flags: bool, device: torch.device | str = "cpu") -> list[bool]:
-    """For each flag, whether it is true on every rank: one all-reduce for all of them, and the
-    same answers on every rank."""
-    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+def all_ranks_agree(*flags: bool | torch.Tensor, device: torch.device | str = "cpu", group: Any = None) -> list[bool]:
+    """For each flag (a bool, or a bool tensor on ``device`` that stays there until this one
+    read), whether it is true on every rank: one all-reduce for all of them, and the same answers
+    on every rank. Reading the answer waits for the device's queued work (a host sync)."""
+    device = torch.device(device)
+    if any(isinstance(f, torch.Tensor) for f in flags):
+        # torch.full is a fill kernel: no host-to-device copy, which would wait for the queue
+        values = torch.stack([f.to(device, torch.float32) if isinstance(f, torch.Tensor)
+                              else torch.full((), float(f), device=device) for f in flags])
+    else:
+        values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
-    return [bool(v > 0) for v in values.tolist()]
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN, group=group)
+    return [v > 0 for v in values.tolist()]
+
+
+_HOST_GROUP: list[Any] = []  # the gloo group of host_group(), made once per process
+
+
+def host_group() -> Any:
+    """A process group for agreeing on host values (a forward that raised, a stop signal) without
+    touching the accelerator: the default group when it is gloo, else a gloo group made once.
+    Every rank must call this at the same point the first time (it makes a group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(torch.distributed.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

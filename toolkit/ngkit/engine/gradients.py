@@ -99,13 +99,14 @@ def _clip_plain(params: list[torch.nn.Parameter], clip: float, eps: float) -> No
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that applies a step only when every rank's loss and gradients are finite.
 
-    The training loop sets :attr:`loss_ok` (already agreed across ranks) before ``engine.step()``
-    and reads :attr:`applied` afterwards. ``applied`` stays False when DeepSpeed's own overflow
-    check skipped the step before reaching this optimiser."""
+    The training step sets :attr:`loss_ok` (this rank's losses were finite: a bool, or a bool
+    tensor on the device) before ``engine.step()`` and reads :attr:`applied` afterwards.
+    ``applied`` stays False when DeepSpeed's own overflow check skipped the step before reaching
+    this optimiser."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.loss_ok = True
+        self.loss_ok: bool | Tensor = True
         self.applied = False
         # DeepSpeed reads ``overflow`` of the optimiser it steps (this one at stage 0 fp32, its
         # ZeRO/bf16 wrapper otherwise: ``outer``) and then neither counts the step nor advances the
@@ -113,20 +114,24 @@ class GuardedAdamW(torch.optim.AdamW):
         self.overflow = False
         self.outer: object | None = None
 
-    def grads_finite(self) -> bool:
-        """This rank's gradients are all finite: one fused norm over every gradient (a NaN or an
-        infinity makes it non-finite; so does a norm past the float range, |g| ~ 1e19 in fp32)."""
+    def grads_finite(self) -> Tensor:
+        """Whether this rank's gradients are all finite, as a bool tensor left on the device: one
+        fused norm over every gradient (a NaN or an infinity makes it non-finite; so does a norm
+        past the float range, |g| ~ 1e19 in fp32)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
-            return True
-        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+            return torch.ones((), dtype=torch.bool, device=self._device())
+        return torch.isfinite(torch.nn.utils.get_total_norm(grads))
+
+    def _device(self) -> torch.device:
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
 
     def gradients_ok(self) -> bool:
-        """Every rank's loss and gradients are finite (one all-reduce); the same answer on all ranks."""
+        """Every rank's loss and gradients are finite; the same answer on all ranks. One
+        all-reduce, and its read is the step's one host sync (``loss_ok`` may be a device flag)."""
         from ngkit.engine.distributed import all_ranks_agree
 
-        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        return all_ranks_agree(self.loss_ok and self.grads_finite(), device=device)[0]
+        return all(all_ranks_agree(self.loss_ok, self.grads_finite(), device=self._device()))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

@@ -2,7 +2,7 @@
 
 Two paths: :func:`load_run` rebuilds the DeepSpeed engine (evaluation inside the training
 stack, needs a process group); :func:`read_model_state` reads the weights from the checkpoint
-files with ``torch.load`` alone (the tokenizer path: no DeepSpeed, no process group, except to
+files with a weights-only ``torch.load`` alone (the tokenizer path: no DeepSpeed, no process group, except to
 consolidate ZeRO-3 partitions).
 """
 
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ngkit.engine import checkpoint
+from ngkit.engine import checkpoint, safe_load
 from ngkit.engine.build import Built, build
 from ngkit.engine.deepspeed_engine import make_engine
 from ngkit.errors import NgkitError, WeightsError
@@ -50,6 +49,11 @@ def locate(target: Path, step: int | None = None) -> tuple[Path, str]:
             return target, tag
         tag = checkpoint.latest_tag(ckpt_dir)
         if tag is None:
+            saved = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+            if saved:
+                raise WeightsError(
+                    f"no checkpoint of {target} can be loaded; the newest, {saved[-1]}: {checkpoint.problem(saved[-1])}"
+                )
             raise NgkitError(f"{target} has no checkpoints yet (no {ckpt_dir / 'latest'})")
         return target, tag
     if target.parent.name == "checkpoints" and (target.parent.parent / "recipe.toml").exists():
@@ -75,19 +79,30 @@ def read_model_state(run_dir: Path, tag: str) -> tuple[dict[str, Tensor], dict[s
     DeepSpeed. ZeRO-3 partitions the weights over the ranks' optimizer files; those are
     consolidated with ``deepspeed.utils.zero_to_fp32`` (the one case that imports DeepSpeed)."""
     ckpt = run_dir / "checkpoints" / tag
+    checkpoint.verify(ckpt)  # every file listed in complete.json, with its size and SHA-256
     states = next((ckpt / name for name in MODEL_STATES if (ckpt / name).is_file()), None)
     if states is None:
         raise WeightsError(
             f"{ckpt} holds neither of DeepSpeed's {' / '.join(MODEL_STATES)}; is it a complete checkpoint?"
         )
-    saved = torch.load(states, map_location="cpu", weights_only=True, mmap=True)
-    client = {key: saved[key] for key in ("step", "ngkit_version", "ema") if key in saved}  # ema: engine/ema.py
-    if zero_stage(saved) < 3:
-        return dict(saved["module"]), client
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    saved = safe_load.safe_torch_load(states, "cpu", mmap=True)
+    try:
+        client = {key: saved[key] for key in ("step", "ngkit_version", "ema") if key in saved}  # ema: engine/ema.py
+        if zero_stage(saved) < 3:
+            return dict(saved["module"]), client
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise WeightsError(f"{states} is not a DeepSpeed model-states file ({type(exc).__name__}: {exc})") from exc
+    from deepspeed.utils import zero_to_fp32
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-        module = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=tag)
+    # zero_to_fp32 reads every *_states.pt of the folder (verify() has checked that complete.json
+    # lists each one) with weights_only=False: its torch.load is swapped for a safe one meanwhile.
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), safe_load.deepspeed_module_loads(zero_to_fp32):
+            module = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=tag)
+    except NgkitError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, FileNotFoundError, RuntimeError) as exc:
+        raise WeightsError(f"could not consolidate the ZeRO-3 checkpoint {ckpt} ({type(exc).__name__}: {exc})") from exc
     return dict(module), client
 
 
@@ -96,10 +111,19 @@ def load_run(target: Path, overrides: list[str] | None = None) -> LoadedRun:
     run_dir, tag = locate(target)
     recipe = load_recipe(run_dir / "recipe.toml", overrides)
     built = build(recipe)
-    engine = make_engine(built.method, recipe)
-    path, client = engine.load_checkpoint(
-        str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
-    )
+    checkpoint.verify(run_dir / "checkpoints" / tag)
+    engine = make_engine(built.method, recipe)  # its checkpoint engine loads weights-only
+    try:
+        path, client = engine.load_checkpoint(
+            str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
+        )
+    except NgkitError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        raise WeightsError(
+            f"could not load {run_dir / 'checkpoints' / tag} into the method {run_dir / 'recipe.toml'} builds "
+            f"({type(exc).__name__}: {str(exc)[:500]})"
+        ) from exc
     if path is None:
         raise NgkitError(f"could not load {run_dir / 'checkpoints' / tag}: no model states found there")
     return LoadedRun(run_dir, recipe, built, engine, tag, int((client or {}).get("step", 0)))

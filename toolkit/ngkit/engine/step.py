@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ngkit.engine.artifacts import to_float
-from ngkit.engine.distributed import all_ranks_agree
+from ngkit.components import DEFER_LOGS
+from ngkit.engine.distributed import all_ranks_agree, host_group
 from ngkit.engine.gradients import adaptive_clip_
 from ngkit.errors import TrainingError
 from ngkit.recipe import Recipe
@@ -107,12 +107,15 @@ class StepPlan:
     clip: str  # "agc", "norm" (DeepSpeed's own) or "none"
     clip_value: float
     params: list[torch.nn.Parameter]  # trainable, for adaptive clipping
+    host_group: Any = None  # process group for host-side agreements (None: the default group)
 
     @classmethod
     def of(cls, engine: Any, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> StepPlan:
+        """The plan of ``engine``'s run; every rank calls this at the same point (it may make the
+        host group)."""
         params = [p for p in engine.module.parameters() if p.requires_grad]
         optim = recipe.optim
-        return cls(device, dtype, optim.accumulate, optim.clip, optim.clip_value, params)
+        return cls(device, dtype, optim.accumulate, optim.clip, optim.clip_value, params, host_group())
 
 
 @dataclass
@@ -120,10 +123,31 @@ class StepResult:
     """The outcome of one optimiser step, agreed by every rank."""
 
     applied: bool  # the optimiser step was taken (False: skipped as non-finite)
-    logs: dict[str, float]  # mean over the micro-batches plus after_step's; empty when skipped
+    # mean over the micro-batches plus after_step's, empty when skipped; values are floats or
+    # float64 scalars still on the device (host_floats copies them, once per log interval)
+    logs: dict[str, float | Tensor]
     stop: bool  # some rank has been asked to stop
     save_due: bool  # some rank found a timed checkpoint overdue
     images: int  # images this rank trained on
+
+
+def _device_logs(logs: dict[str, Any]) -> dict[str, float | Tensor]:
+    """Floats stay floats; tensors become detached float64 scalars where they are (the exact
+    value ``float(t.item())`` would give, without waiting for it)."""
+    return {k: v.detach().double() if isinstance(v, Tensor) else float(v) for k, v in logs.items()}
+
+
+def host_floats(logs: dict[str, float | Tensor]) -> dict[str, float]:
+    """Every value as a float, the device's in one copy per device (a host sync: call it at the
+    log interval, not every step)."""
+    out = {k: v for k, v in logs.items() if not isinstance(v, Tensor)}
+    by_device: dict[torch.device, list[str]] = defaultdict(list)
+    for k, v in logs.items():
+        if isinstance(v, Tensor):
+            by_device[v.device].append(k)
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([logs[k].double().reshape(()) for k in keys]).tolist()))
+    return {k: out[k] for k in logs}
 
 
 def train_step(
@@ -136,51 +160,64 @@ def train_step(
     save_overdue: Callable[[], bool] = lambda: False,
     timer: PhaseTimer | None = None,
 ) -> StepResult:
-    """One optimiser step of ``engine`` (``plan.accumulate`` micro-batches from ``batches``)."""
+    """One optimiser step of ``engine`` (``plan.accumulate`` micro-batches from ``batches``).
+
+    Nothing here waits for the device but the guard's one all-reduce per optimiser step (the
+    finiteness of every rank's losses and gradients, whose answer decides the step): logs stay on
+    the device (see :func:`ngkit.components.host_logs`), and the host facts every rank must
+    decide alike (a forward that raised, a stop signal, a timed save) are agreed over a host
+    process group, which never waits for queued kernels."""
     phase = timer if timer is not None else (lambda name: nullcontext())
     method, guard = engine.module, engine.ngkit_optimizer
     # DeepSpeed keeps bf16/fp16 weights (fp32 masters in the optimiser); autocast makes the
     # float32 tensors that plugins create (statistics, embeddings) meet them in that precision.
     autocast = torch.autocast(plan.device.type, dtype=plan.dtype, enabled=plan.dtype != torch.float32)
-    finite, stop, save_due, images, micro_logs = True, False, False, 0, []
-    for micro in range(plan.accumulate):
-        with phase("data"):
-            x = next(batches).to(plan.device, plan.dtype, non_blocking=True)
-        images += len(x)
-        with phase("forward (rest)"):
-            try:
-                with autocast:
-                    out, failure = engine(x, step), None
-            except Exception as exc:  # the other ranks must not wait for this one in a collective
-                out, failure = None, exc
-            # One all-reduce settles what every rank must decide alike: did every forward run,
-            # is every loss finite, has any rank been asked to stop, is a timed save due.
-            loss_ok = failure is None and bool(torch.isfinite(out.loss).all())
-            all_ran, all_finite, no_stop, not_due = all_ranks_agree(
-                failure is None, loss_ok, not stop_requested(), not save_overdue(), device=plan.device
-            )
-        if not all_ran:
-            if failure is not None:
-                raise failure
-            raise TrainingError(f"another rank failed at step {step}; its log has the error")
-        finite, stop, save_due = finite and all_finite, stop or not no_stop, save_due or not not_due
-        # A non-finite loss still runs backward (DeepSpeed's collectives and micro-step
-        # counters must advance on every rank); the guard refuses its gradients below.
-        with phase("backward"):
-            engine.backward(out.loss)
-        if micro < plan.accumulate - 1:
-            with phase("optimizer"):
-                engine.step()  # DeepSpeed only accumulates here
-        micro_logs.append(out.logs)
-    if plan.clip == "agc" and finite:
-        with phase("guard/clipping"):
-            adaptive_clip_(plan.params, plan.clip_value)
-    guard.loss_ok, guard.applied = finite, False
-    with phase("optimizer"):
-        engine.step()
-    logs: dict[str, float] = {}
-    if guard.applied:
-        logs = {k: sum(to_float(m[k]) for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
-        with phase("after_step"):
-            logs.update({k: to_float(v) for k, v in method.after_step(step).items()})
+    finite: bool | Tensor = True  # this rank's losses so far, a bool tensor on the device
+    stop, save_due, images, micro_logs = False, False, 0, []
+    deferred = DEFER_LOGS.set(True)
+    try:
+        for micro in range(plan.accumulate):
+            with phase("data"):
+                x = next(batches).to(plan.device, plan.dtype, non_blocking=True)
+            images += len(x)
+            with phase("forward (rest)"):
+                try:
+                    with autocast:
+                        out, failure = engine(x, step), None
+                except Exception as exc:  # the other ranks must not wait for this one in a collective
+                    out, failure = None, exc
+                all_ran, no_stop, not_due = all_ranks_agree(
+                    failure is None, not stop_requested(), not save_overdue(), group=plan.host_group
+                )
+                if failure is None:
+                    finite = finite & torch.isfinite(out.loss).all()
+            if not all_ran:
+                if failure is not None:
+                    raise failure
+                raise TrainingError(f"another rank failed at step {step}; its log has the error")
+            stop, save_due = stop or not no_stop, save_due or not not_due
+            # A non-finite loss still runs backward (DeepSpeed's collectives and micro-step
+            # counters must advance on every rank); the guard refuses its gradients below.
+            with phase("backward"):
+                engine.backward(out.loss)
+            if micro < plan.accumulate - 1:
+                with phase("optimizer"):
+                    engine.step()  # DeepSpeed only accumulates here
+            micro_logs.append(_device_logs(out.logs))
+        if plan.clip == "agc":
+            # Clipped whatever the losses (asking would wait for the device): gradients of a
+            # non-finite loss stay non-finite, and the guard refuses them.
+            with phase("guard/clipping"):
+                adaptive_clip_(plan.params, plan.clip_value)
+        guard.loss_ok, guard.applied = finite, False
+        with phase("optimizer"):
+            engine.step()
+        logs: dict[str, float | Tensor] = {}
+        if guard.applied:
+            # the sum from 0 then one division, as a float mean would be computed: same bits
+            logs = {k: sum(m[k] for m in micro_logs) / len(micro_logs) for k in micro_logs[0]}
+            with phase("after_step"):
+                logs.update(_device_logs(method.after_step(step)))
+    finally:
+        DEFER_LOGS.reset(deferred)
     return StepResult(guard.applied, logs, stop, save_due, images)
