@@ -25,6 +25,7 @@ from ngkit.engine.build import MODEL_TABLES, build_dataset, build_method, latent
 from ngkit.engine.load import locate, read_model_state
 from ngkit.errors import NgkitError, WeightsError
 from ngkit.export_files import staged_dir
+from ngkit.model_card import CARD
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import load_recipe
 
@@ -39,10 +40,11 @@ KINDS = {**MODEL_TABLES, "method": "methods"}  # recipe key -> registry kind
 
 @dataclass
 class Snapshot:
-    """An export in memory: the config and the tensors ``encode``/``decode`` need."""
+    """An export in memory: the config, the tensors ``encode``/``decode`` need, the model card."""
 
     config: dict[str, Any]
     state: dict[str, Tensor]
+    card: str = ""  # README.md (ngkit/model_card.py)
 
 
 def run_specs(run_dir: Path, codes: int, patch_size: int) -> tuple[ImageSpec, LatentSpec]:
@@ -192,7 +194,7 @@ def snapshot(
         "trained": {"dataset": recipe.data.name, "precision": recipe.distributed.precision,
                     "zero_stage": recipe.distributed.zero_stage, "ngkit_version": client.get("ngkit_version")},
     }
-    return Snapshot(config, state)
+    return Snapshot(config, state, card_for(config, run_dir))
 
 
 def choose_weights(
@@ -229,6 +231,8 @@ def write_export(snap: Snapshot, out: Path) -> None:
     with staged_dir(out) as tmp:
         (tmp / WEIGHTS).write_bytes(data)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if snap.card:
+            (tmp / CARD).write_text(snap.card)
 
 
 def export(
@@ -237,12 +241,11 @@ def export(
     """Export a run or checkpoint into ``out``; returns what was written."""
     snap = snapshot(target, step=step, dtype=dtype, weights=weights)
     write_export(snap, out)
-    write_card(snap, out, locate(target, step)[0])  # README.md: ngkit/model_card.py
     return snap
 
 
-def write_card(snap: Snapshot, out: Path, run_dir: Path, repo_id: str | None = None) -> None:
-    """The model card ``out/README.md`` (replaced atomically)."""
-    from ngkit.model_card import CARD, matching_summary, model_card
+def card_for(config: dict[str, Any], run_dir: Path, repo_id: str | None = None) -> str:
+    """The model card of an export of ``run_dir``; its load example names ``repo_id`` if given."""
+    from ngkit.model_card import matching_summary, model_card
 
-    write_text_atomic(out / CARD, model_card(snap.config, matching_summary(snap.config, run_dir), repo_id))
+    return model_card(config, matching_summary(config, run_dir), repo_id)

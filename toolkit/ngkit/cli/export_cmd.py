@@ -33,7 +33,7 @@ def export_command(
 ) -> None:
     """Export a trained tokenizer: its weights and everything needed to rebuild it."""
     from ngkit.engine.load import locate
-    from ngkit.export import CONFIG, WEIGHTS, export, write_card
+    from ngkit.export import CONFIG, WEIGHTS, card_for, export, write_export
 
     run_dir, _ = locate(target, step)
     out = out or run_dir / "export"
@@ -49,7 +49,8 @@ def export_command(
     if push_to_hub:
         from ngkit.hub import push
 
-        write_card(snap, out, run_dir, repo_id=push_to_hub)  # the card's load example names the repository
+        snap.card = card_for(snap.config, run_dir, repo_id=push_to_hub)  # its load example names the repository
+        write_export(snap, out)
         url = push(out, push_to_hub, private=private)
         console.print(f"pushed to {escape(url)}")
     where = push_to_hub or str(out)
