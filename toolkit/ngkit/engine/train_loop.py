@@ -162,7 +162,7 @@ def setup(recipe: Recipe, out_dir: Path, resume: bool, builder: Callable[[Recipe
     checkpoint.check_shared_dir(out_dir, dist.rank)
     method = built.method.to(device=dist.device)
     context = {"image": built.image, "latent": built.latent, "total_steps": recipe.run.steps}
-    losses = build_losses([t.model_dump() for t in recipe.loss], context)
+    losses = build_losses([t.model_dump() for t in getattr(recipe, "loss", [])], context)  # a prior recipe has none
     attach_losses(method, losses, dist.device)  # [[loss]]: terms of the decoder log-likelihood
     engine = make_engine(method, recipe)
     ema = make_ema(engine.module, recipe.run.ema, recipe.distributed.zero_stage)  # [run] ema
