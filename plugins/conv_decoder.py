@@ -1,9 +1,14 @@
 """Decoder ``"conv"``: the DAPS paper's ResNet p(x|z) with a per-pixel Gaussian.
 
 Token embeddings on the latent grid -> 3x3 conv -> residual blocks -> stride-2 transposed convs
-(each doubles the side, so image side / grid side must be a power of two, at least 2) -> mean and
-log-variance per pixel, on pixels standardised with the dataset's per-channel mean and std.
-Layer layout follows the authors' ``ResNetDecoder`` (jadex ``networks/resnet.py``).
+(each doubles a side) -> mean and log-variance per pixel, on pixels standardised with the
+dataset's per-channel mean and std. Layer layout follows the authors' ``ResNetDecoder`` (jadex
+``networks/resnet.py``).
+
+The grid need not be square: each side is doubled as often as it needs (a side that is done
+keeps its size, stride 1). Where image side / grid side is not a power of two (28 x 28 from a
+4 x 2 grid of 7 x 14 patches), the embedded grid is first resized (bilinear) to the image
+divided by its largest power of two, e.g. 7 x 7, then doubled to 28 x 28.
 
 Also home of :func:`pixel_stats` and :class:`CodeEmbedding`, which the other built-in encoder and
 decoder reuse.
@@ -62,7 +67,7 @@ class ConvDecoder(CodeTableDecoder):
         for option, value, least in (("width", width, 1), ("embed_dim", embed_dim, 1), ("res_blocks", res_blocks, 0)):
             if value < least:
                 raise ValueError(f"conv decoder: {option} must be at least {least}, got {value}")
-        upsamples = _upsamples(image, latent)
+        self.resize, strides = _upsampling(image, latent)
         self.image, self.latent = image, latent
         self.embed_dim = embed_dim
         self.likelihood = likelihood
@@ -77,12 +82,13 @@ class ConvDecoder(CodeTableDecoder):
         layers += [_ResBlock(width, batch_norm) for _ in range(res_blocks)]
         layers.append(nn.ReLU())
         channels = width
-        for i in range(upsamples):
-            last = i == upsamples - 1
+        for i, stride in enumerate(strides):
+            last = i == len(strides) - 1
             nxt = out_channels if last else max(channels // 2, out_channels)
-            # kernel 4, stride 2, padding 1: exactly doubles height and width
+            # per side: kernel 4, stride 2, padding 1 exactly doubles; kernel 3, stride 1 keeps
+            kernel = tuple(4 if s == 2 else 3 for s in stride)
             bias = last or not batch_norm
-            layers.append(nn.ConvTranspose2d(channels, nxt, 4, stride=2, padding=1, bias=bias))
+            layers.append(nn.ConvTranspose2d(channels, nxt, kernel, stride=stride, padding=1, bias=bias))
             if not last:
                 layers += [_norm(nxt, batch_norm), nn.ReLU()]
             channels = nxt
@@ -92,6 +98,8 @@ class ConvDecoder(CodeTableDecoder):
         """``h [B, L, embed_dim]`` -> ``[B, 2C, H, W]`` (mean, log-variance) or ``[B, C, H, W]``."""
         b, _, e = h.shape
         grid = h.transpose(1, 2).reshape(b, e, *self.latent.grid)
+        if self.resize is not None:
+            grid = F.interpolate(grid, size=self.resize, mode="bilinear", align_corners=False)
         return self.net(grid)
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
@@ -196,18 +204,29 @@ def _norm(channels: int, batch_norm: bool) -> nn.Module:
     return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
 
 
-def _upsamples(image: ImageSpec, latent: LatentSpec) -> int:
-    """Number of stride-2 upsamplings from the latent grid to the image."""
-    rows, cols = latent.grid
-    factor = image.height // rows
-    ok = image.height == rows * factor and image.width == cols * factor and factor >= 2
-    if not ok or factor & (factor - 1):
+def _upsampling(image: ImageSpec, latent: LatentSpec) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+    """The size to resize the grid to first (None: no resize) and the (row, column) strides of
+    each transposed conv that follows: each side doubles until it reaches the image."""
+    sides = []
+    for side, cells in ((image.height, latent.grid[0]), (image.width, latent.grid[1])):
+        factor = side // cells
+        if side == cells * factor and factor & (factor - 1) == 0:
+            sides.append((cells, factor.bit_length() - 1))  # an exact power of two: no resize
+            continue
+        doublings = (side & -side).bit_length() - 1  # the largest power of two dividing the side
+        while side >> doublings < cells:
+            doublings -= 1
+        sides.append((side >> doublings, doublings))
+    (rows, row_doublings), (cols, col_doublings) = sides
+    stages = max(row_doublings, col_doublings)
+    if stages == 0:
         raise ValueError(
-            f"conv decoder: the {rows}x{cols} latent grid must scale to the {image.height}x"
-            f"{image.width} image by one power-of-two factor (2, 4, 8, ...); pick a [model] "
-            "patch_size that is a power of two, or use the mlp decoder"
+            f"conv decoder: cannot upsample the {latent.grid[0]}x{latent.grid[1]} latent grid to the "
+            f"{image.height}x{image.width} image by doubling (no image side is even and larger than the "
+            "grid); use larger patches or the mlp decoder"
         )
-    return factor.bit_length() - 1
+    resize = None if (rows, cols) == latent.grid else (rows, cols)
+    return resize, [(2 if i < row_doublings else 1, 2 if i < col_doublings else 1) for i in range(stages)]
 
 
 @hookimpl

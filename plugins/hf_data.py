@@ -8,6 +8,10 @@ instead of killing a long run.
     path = "ILSVRC/imagenet-1k"      # or "imagefolder" with data_dir = "/data/imagenet"
     image_size = 256
 
+Grey datasets stay grey: with ``[data] channels`` unset, the mode of the first training image
+decides (grey modes make 1 channel, anything else 3); ``channels = 1`` or ``3`` converts every
+image (PIL's luma for grey) and skips that look.
+
 Sharding (see :mod:`ngkit.data`): when the stream's file shards divide evenly among the readers,
 reader ``j`` of ``n`` reads shards ``j, j + n, ...`` (no reader reads another's files); otherwise
 every reader walks the shuffled stream and keeps examples ``j, j + n, ...``, decoding only those.
@@ -34,7 +38,11 @@ from ngkit.imaging import decode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Their ITU-R BT.601 luma (PIL's convert("L") weights 0.299, 0.587, 0.114): the grey default.
+IMAGENET_GREY_MEAN = (0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406,)
+IMAGENET_GREY_STD = (0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225,)
 HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # 16-bit (and 32-bit int) greyscale
+GREY_MODES = {"1", "L", "LA", "La", "F", *HIGH_BIT_MODES}
 # ``datasets`` sleeps this long (5 s by default) whenever a multi-file parquet stream is closed, to
 # let Arrow's reader threads wind down (apache/arrow#45214); it has already joined its own
 # prefetch threads by then. At 5 s it costs every epoch of a small dataset, every evaluation that
@@ -42,25 +50,29 @@ HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # 16-bit (and 32-bit 
 ARROW_SHUTDOWN_SLEEP_S = 0.25
 
 
-def _open(value: Any, min_side: int | None = None) -> Image.Image:
-    """An undecoded ``datasets`` Image value ({"bytes", "path"}) or a PIL image -> 8-bit RGB PIL,
-    a JPEG decoded at the smallest scale whose shorter side is at least ``min_side``
-    (:func:`ngkit.imaging.decode`: the fastest installed decoder).
+def _read(value: Any, min_side: int | None = None) -> Image.Image:
+    """An undecoded ``datasets`` Image value ({"bytes", "path"}) or a PIL image, loaded; a JPEG
+    decoded at the smallest scale whose shorter side is at least ``min_side``
+    (:func:`ngkit.imaging.decode`: the fastest installed decoder)."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+        return decode(value["bytes"] if value.get("bytes") is not None else value["path"], min_side)
+    raise ValueError(f"not an image value: {type(value).__name__}")
+
+
+def _open(value: Any, channels: int, min_side: int | None = None) -> Image.Image:
+    """An image value -> 8-bit PIL, grey ("L") for 1 channel, RGB for 3.
 
     16-bit greyscale is scaled to 8 bits (a plain ``convert`` would clip it to white); float
-    images are taken as [0, 1]; palette, alpha and CMYK images are converted to RGB."""
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
-        img = decode(value["bytes"] if value.get("bytes") is not None else value["path"], min_side)
-    else:
-        raise ValueError(f"not an image value: {type(value).__name__}")
+    images are taken as [0, 1]; palette, alpha and CMYK images are converted."""
+    img = _read(value, min_side)
     if img.mode in HIGH_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64) / 65535.0
         img = Image.fromarray(np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8), "L")
     elif img.mode == "F":
         img = Image.fromarray(np.round(np.clip(np.asarray(img), 0, 1) * 255).astype(np.uint8), "L")
-    return img.convert("RGB")
+    return img.convert("L" if channels == 1 else "RGB")
 
 
 def _resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None, flip: bool) -> Tensor:
@@ -74,6 +86,7 @@ def _resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None, f
     else:
         left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
     arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    arr = arr[..., None] if arr.ndim == 2 else arr  # grey: [H, W] -> [H, W, 1]
     if rng is not None and flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
@@ -84,7 +97,8 @@ def _name(value: Any, fallback: str) -> str:
 
 
 class HFImages:
-    """A streamed HF dataset split into train and held-out images of ``image_size`` squared."""
+    """A streamed HF dataset split into train and held-out images of ``image_size`` squared,
+    grey or RGB (``channels``: from ``[data] channels``, else the first training image's mode)."""
 
     def __init__(
         self,
@@ -100,14 +114,32 @@ class HFImages:
         flip: bool = True,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        channels: int | None = None,
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.load_args = {"path": path, "name": name, "data_dir": data_dir, "streaming": streaming}
         self.train_split, self.test_split, self.column = train_split, test_split, image_column
         self.size, self.buffer, self.flip = image_size, shuffle_buffer, flip
-        self.spec = ImageSpec(3, image_size, image_size, tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
         self._loaded: dict[str, Any] = {}  # split -> dataset, loaded once per process
+        self.channels = channels or self._detect_channels()
+        grey = self.channels == 1
+        default_mean, default_std = (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD) if grey else (IMAGENET_MEAN, IMAGENET_STD)
+        self.spec = ImageSpec(self.channels, image_size, image_size, tuple(mean or default_mean), tuple(std or default_std))
+
+    def _detect_channels(self) -> int:
+        """1 if the first training image is greyscale, else 3 (one image read, not decoded further)."""
+        value = next(self._values(self._split(self.train_split)), None)
+        if value is None:
+            return 3  # an empty split: check_dataset reports it
+        try:
+            mode = _read(value).mode
+        except Exception as exc:
+            raise DataError(
+                f"hf: cannot read the first training image {_name(value, '0')} to tell grey from RGB ({exc}); "
+                f"set [data] channels = 1 or 3"
+            ) from exc
+        return 1 if mode in GREY_MODES else 3
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers load their own copy
         return {**self.__dict__, "_loaded": {}}
@@ -145,7 +177,7 @@ class HFImages:
             yield from rows[self.column]
 
     def _decode_train(self, value: Any, key: list[int]) -> Tensor:
-        return _resize_crop(_open(value, self.size), self.size, np.random.default_rng(key), self.flip)
+        return _resize_crop(_open(value, self.channels, self.size), self.size, np.random.default_rng(key), self.flip)
 
     def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[Example]:
         ds = self._split(self.train_split)
@@ -166,7 +198,7 @@ class HFImages:
         values = itertools.islice(self._values(self._split(self.test_split)), shard, limit, num_shards)
         for i, value in zip(itertools.count(shard, num_shards), values):
             try:
-                yield _resize_crop(_open(value, self.size), self.size, None, False)
+                yield _resize_crop(_open(value, self.channels, self.size), self.size, None, False)
             except Exception as exc:
                 raise DataError(
                     f"hf: held-out image {_name(value, str(i))} of split {self.test_split!r} is unreadable "

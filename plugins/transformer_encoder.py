@@ -1,6 +1,7 @@
 """Encoder ``"transformer"``: the DAPS paper's q(z|x), shared by DAPS and the baselines.
 
-Patches (one per token, row-major) -> linear projection + learned positions -> pre-LN
+Patches (one per token, row-major over the latent grid; a patch may be non-square, e.g. 7 x 14
+for 8 tokens of a 28 x 28 digit) -> linear projection + learned positions -> pre-LN
 self-attention transformer (the *features*) -> a latent head:
 
 * autoregressive (default): a causal transformer decoder fed its previous tokens (a dedicated
@@ -505,8 +506,8 @@ def _patch_size(image: ImageSpec, latent: LatentSpec) -> tuple[int, int]:
     if image.height % rows or image.width % cols:
         raise ValueError(
             f"transformer encoder: a {image.height}x{image.width} image does not split into a "
-            f"{rows}x{cols} grid of equal patches; pick a [model] patch_size that divides both "
-            "image sides"
+            f"{rows}x{cols} grid of equal patches; pick a [model] patch_size (p, or [height, width]) "
+            "whose height divides the image height and whose width divides its width"
         )
     return image.height // rows, image.width // cols
 

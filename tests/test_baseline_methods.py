@@ -14,18 +14,19 @@ from toy_models import ToyDecoder, ToyEncoder
 from ngkit.binding import build_component
 from ngkit.components import ImageSpec, LatentSpec, Method
 from ngkit.errors import RecipeError
-from ngkit_plugins.quantizers import FiniteScalarQuantizer, VectorQuantizer
+from ngkit_plugins.vq_lib import LibraryQuantizer
 
 IMAGE = ImageSpec(1, 4, 4)
 LATENT = LatentSpec((1, 2), 8)
 STEPS = 200
 
-EMA_VQ = {"name": "vq", "dim": 4, "ema": True, "restart_dead": True, "restart_after": 20}
+# The codebook k-means-initialised from the first batch, codes used < 1 time (EMA count) replaced.
+EMA_VQ = {"name": "vq", "dim": 4, "kmeans_init": True, "threshold_ema_dead_code": 1}
 # (method name, recipe options); a quantizer is a sub-table, as a recipe writes it.
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("vqvae", {"quantizer": {"name": "vq", "dim": 4}}),
     ("vqvae", {"quantizer": EMA_VQ}),
-    ("fsq", {"quantizer": {"name": "fsq", "levels": [2, 2, 2]}}),
+    ("fsq", {"quantizer": {"name": "fsq", "levels": [2, 2, 2], "preserve_symmetry": True}}),
     ("gumbel", {}),
     ("gumbel", {"hard": True, "kl_weight": 0.0}),
     ("gr-mck", {"rao_samples": 4}),
@@ -58,10 +59,12 @@ def dataset() -> torch.Tensor:
 
 
 def test_fsq_and_vqvae_default_to_their_quantizers() -> None:
-    assert isinstance(make("vqvae", {}).quantizer, VectorQuantizer)
-    assert isinstance(make("fsq", {}, LatentSpec((1, 2), 1000)).quantizer, FiniteScalarQuantizer)  # [8,5,5,5]
-    with pytest.raises(RecipeError, match="product is 8"):
-        make("fsq", {})
+    vq = make("vqvae", {}).quantizer
+    assert isinstance(vq, LibraryQuantizer) and type(vq.module).__name__ == "VectorQuantize"
+    fsq = make("fsq", {}, LatentSpec((1, 2), 1000)).quantizer
+    assert type(fsq.module).__name__ == "FSQ" and fsq.module._levels.tolist() == [8, 5, 5, 5]  # the paper's
+    with pytest.raises(RecipeError, match="no default levels for 12 codes"):
+        make("fsq", {}, LatentSpec((1, 2), 12))
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)

@@ -49,7 +49,7 @@ REFUSED = [
     ("daps-na, autoregressive encoder", ["model.encoder.factorised=false"],
      ["[method]", "needs a factorised (non-autoregressive) encoder"]),
     ("fsq levels against codes", ['method={name="fsq", quantizer={name="fsq", levels=[4, 5]}}'],
-     ['[method.quantizer] quantizer "fsq" (plugin quantizers', "give 20 codes but the latent has 16"]),
+     ['[method.quantizer] quantizer "fsq" (plugin vq_lib', "give 20 codes per level but 16 are needed"]),
 ]
 CPU_ONLY = [
     ("fp16 on CPU", ['distributed.precision="fp16"', 'run.device="cpu"'],

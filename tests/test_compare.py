@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import tomli_w
 
 from ngkit.cli.main import main
+from ngkit.compare import SECONDS_HEADROOM
 from ngkit.recipe import parse_recipe, variant_raw
 from tiny_recipe import tiny
 
@@ -59,16 +61,35 @@ def test_compare_writes_table_figures_and_one_row_per_method(tmp_path, capsys):
     assert md.count("\n| ") == 4 and "±" in md  # header + 3 methods
 
 
-def test_compare_by_seconds_calibrates_steps(tmp_path):
-    raw = tiny(run={"steps": 3, "eval_every": 0, "checkpoint_every": 0}, eval={"metrics": ["mse"], "num_images": 8})
+def test_compare_by_seconds_gives_every_run_the_same_wall_clock(tmp_path):
+    fsq = {"method": {"name": "fsq", "quantizer": {"name": "fsq", "levels": [4, 4]}}}
+    raw = tiny(run={"steps": 3, "eval_every": 0, "checkpoint_every": 0}, eval={"metrics": ["mse"], "num_images": 8},
+               compare={"variants": {"daps-na": {}, "fsq": fsq}})
     recipe = tmp_path / "cmp.toml"
     recipe.write_text(tomli_w.dumps(raw))
     out = tmp_path / "cmp"
-    assert main(["compare", str(recipe), "--methods", "daps-na", "--seconds", "1", "--out", str(out)]) == 0
+    assert main(["compare", str(recipe), "--methods", "fsq", "--seconds", "1.5", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
-    # the budget is the seconds divided by the calibration run's time per step (10 steps)
-    calibration = json.loads((out / "calibration" / "daps-na" / "summary.json").read_text())
-    assert calibration["step"] == 10
-    assert data["steps"]["daps-na"] == max(1, int(1 / (calibration["train_seconds"] / 10)))
-    assert "1 s of training" in data["budget"]
-    assert data["runs"][0]["step"] == data["steps"]["daps-na"]
+    assert "1.5 s of training" in data["budget"]
+    for run in data["runs"]:
+        label = run["variant"]
+        # schedules span the calibration's prediction for 1.5 s (10 timed steps) with headroom ...
+        calibration = json.loads((out / "calibration" / label / "summary.json").read_text())
+        assert calibration["step"] == 10
+        per_step = calibration["train_seconds"] / 10
+        assert data["steps"][label] == max(1, math.ceil(SECONDS_HEADROOM * 1.5 / per_step))
+        # ... and the run itself stops at its first step past 1.5 s, unless its steps ran out first
+        if run["stopped_by"] == "time":
+            assert run["step"] < data["steps"][label] and run["train_seconds"] >= 1.5
+        else:
+            assert run["step"] == data["steps"][label]
+        assert run["train_seconds"] > 0
+    md = (out / "results.md").read_text()
+    assert "steps reached" in md and "train s" in md
+
+
+def test_compare_rejects_a_budget_of_no_seconds(tmp_path, capsys):
+    recipe = tmp_path / "cmp.toml"
+    recipe.write_text(tomli_w.dumps(tiny()))
+    assert main(["compare", str(recipe), "--seconds", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "positive number of seconds" in capsys.readouterr().err

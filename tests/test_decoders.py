@@ -119,15 +119,29 @@ def test_gradient_reaches_soft_codes() -> None:
     assert y.grad is not None and y.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize(
-    "height, width, grid",
-    [(6, 6, (6, 6)), (24, 24, (4, 4)), (32, 16, (4, 4))],  # factor 1; factor 6; 8 rows but 4 columns
-)
-def test_conv_rejects_scales_other_than_one_power_of_two(
-    height: int, width: int, grid: tuple[int, int]
-) -> None:
-    with pytest.raises(ValueError, match="power-of-two"):
+@pytest.mark.parametrize("height, width, grid", [(6, 6, (6, 6)), (7, 7, (1, 1)), (9, 15, (3, 5))])
+def test_conv_rejects_grids_it_cannot_double_to_the_image(height: int, width: int, grid: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="cannot upsample.*by doubling"):
         ConvDecoder(image=ImageSpec(3, height, width), latent=LatentSpec(grid, 8))
+
+
+@pytest.mark.parametrize(
+    "height, width, grid, resize, strides",
+    [
+        (32, 16, (4, 4), None, [(2, 2), (2, 2), (2, 1)]),  # 8 rows but 4 columns: columns stop early
+        (8, 8, (4, 2), None, [(2, 2), (1, 2)]),
+        (24, 24, (4, 4), (6, 6), [(2, 2), (2, 2)]),  # factor 6: 4 -> 6 cells, then doubled twice
+        (28, 28, (4, 2), (7, 7), [(2, 2), (2, 2)]),  # the paper's MNIST grid: 7 x 14 patches
+    ],
+)
+def test_conv_doubles_each_side_as_often_as_it_needs(
+    height: int, width: int, grid: tuple[int, int], resize: tuple[int, int] | None, strides: list[tuple[int, int]]
+) -> None:
+    dec = ConvDecoder(image=ImageSpec(1, height, width), latent=LatentSpec(grid, 8), width=8, embed_dim=4)
+    layers = [m for m in dec.net if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert dec.resize == resize and [m.stride for m in layers] == strides
+    z = torch.randint(0, 8, (2, grid[0] * grid[1]))
+    assert dec.mean(dec(dec.embed(z))).shape == (2, 1, height, width)
 
 
 def test_bad_pixel_stats_are_a_clear_error() -> None:

@@ -40,7 +40,7 @@ BASES: list[dict[str, Any]] = [
     tiny(),
     tiny(method={"name": "daps", "samples": 4, "step_size": {"name": "kl", "bound": 1.0}}),
     tiny(method={"name": "fsq", "quantizer": {"name": "fsq", "levels": [4, 4]}}),
-    tiny(method={"name": "vqvae", "quantizer": {"name": "vq", "dim": 8, "ema": True}}),
+    tiny(method={"name": "vqvae", "quantizer": {"name": "vq", "dim": 8, "kmeans_init": True}}),
     tiny(method={"name": "gumbel", "hard": True}),
     tiny(method={"name": "ppo", "samples": 2}),
     tiny(model={"codes": 16, "patch_size": 2, "encoder": {"name": "transformer", "width": 32, "depth": 1, "heads": 2},

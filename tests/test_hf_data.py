@@ -129,10 +129,36 @@ def test_sixteen_bit_png_keeps_its_grey_level(tmp_path):
     (tmp_path / "train").mkdir()
     level = 20000  # of 65535: 0.305
     Image.fromarray(np.full((16, 16), level, dtype=np.uint16)).save(tmp_path / "train" / "deep.png")
-    data = HFImages(path="imagefolder", data_dir=str(tmp_path), image_size=8, flip=False)
-    (img,) = first_epoch(data)
-    assert img.shape == (3, 8, 8)
-    assert float(img.mean()) == pytest.approx(level / 65535, abs=1 / 255)
+    for channels in (None, 3):
+        data = HFImages(path="imagefolder", data_dir=str(tmp_path), image_size=8, flip=False, channels=channels)
+        (img,) = first_epoch(data)
+        assert img.shape == (channels or 1, 8, 8) and data.spec.shape == img.shape
+        assert float(img.mean()) == pytest.approx(level / 65535, abs=1 / 255)
+
+
+def test_grey_sets_stay_grey_and_channels_convert(tmp_path):
+    """A folder of "L" PNGs is detected as 1 channel (not 3 copies of it); ``channels = 1`` on an
+    RGB folder gives PIL's luma, ``channels = 3`` on the grey one repeats the grey level."""
+    rng = np.random.default_rng(1)
+    grey, rgb = tmp_path / "grey", tmp_path / "rgb"
+    for root, shape in ((grey, (12, 12)), (rgb, (12, 12, 3))):
+        for split in ("train", "validation"):
+            (root / split).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(root / split / f"{i}.png")
+    data = HFImages(path="imagefolder", data_dir=str(grey), image_size=12, flip=False)
+    assert data.spec.channels == 1 and len(data.spec.mean) == 1
+    want = sorted(np.asarray(Image.open(p), dtype=np.float32).sum() / 255 for p in (grey / "train").iterdir())
+    got = sorted(float(img.sum()) for img in first_epoch(data))
+    assert all(img.shape == (1, 12, 12) for img in first_epoch(data)) and got == pytest.approx(want, rel=1e-6)
+    as_rgb = HFImages(path="imagefolder", data_dir=str(grey), image_size=12, flip=False, channels=3)
+    held_out = next(iter(as_rgb.test(shard=0, num_shards=1, limit=1)))
+    assert held_out.shape == (3, 12, 12) and torch.equal(held_out[0], held_out[2])
+    assert HFImages(path="imagefolder", data_dir=str(rgb), image_size=12).spec.channels == 3
+    as_grey = HFImages(path="imagefolder", data_dir=str(rgb), image_size=12, channels=1)
+    first = sorted((rgb / "validation").iterdir())[0]
+    luma = np.asarray(Image.open(first).convert("L"), dtype=np.float32) / 255
+    assert np.array_equal(next(iter(as_grey.test(shard=0, num_shards=1, limit=1)))[0].numpy(), luma)
 
 
 def test_an_epoch_of_a_small_stream_is_cheap(tmp_path):

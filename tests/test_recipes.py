@@ -89,3 +89,51 @@ def test_vqgan_style_recipe_runs_a_few_steps(tmp_path, monkeypatch):
     assert ["loss/patchgan" in r for r in records] == [False, True, True]
     assert (out / "tensorboard").is_dir()
     assert export(out, out / "export").config["weights"] == "ema"
+
+
+PAPER_MNIST_SHORT = ["--set", "run.eval_every=0", "--set", "eval.num_images=64", "--set", "eval.batch_size=64",
+                     "--set", 'eval.metrics=["mse", "psnr", "usage"]']
+
+
+def test_paper_mnist_trains_a_few_steps(tmp_path, capsys):
+    """recipes/paper-mnist.toml as shipped (DAPS-NA, batch 256, K = 8, 8 tokens of 7 x 14,
+    Bernoulli MLP decoder on binarised mnist) for 2 steps and a short evaluation."""
+    import json
+
+    out = tmp_path / "mnist"
+    args = ["run", str(ROOT / "recipes" / "paper-mnist.toml"), "--out", str(out), "--set", "run.steps=2", *PAPER_MNIST_SHORT]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["tokens"] == 8 and summary["bits_per_image"] == 64
+    assert 0 < summary["metrics"]["psnr"] < 60
+
+
+@pytest.mark.slow
+def test_paper_mnist_trains_every_variant_a_few_steps(tmp_path, capsys):
+    """Every [compare.variants] of recipes/paper-mnist.toml (DAPS-NA, DAPS, FSQ, VQ-VAE) for 2 steps
+    through ngkit compare (about 80 s: four start-ups, and DAPS decodes autoregressively)."""
+    import json
+
+    out = tmp_path / "mnist"
+    args = ["compare", str(ROOT / "recipes" / "paper-mnist.toml"), "--steps", "2", "--out", str(out), *PAPER_MNIST_SHORT]
+    assert main(args) == 0, capsys.readouterr().err
+    table = {row["variant"]: row for row in json.loads((out / "results.json").read_text())["table"]}
+    assert set(table) == {"daps-na", "daps", "fsq", "vqvae"}
+    assert all(row["bits_per_image"] == 64 and row["step"] == 2 and 0 < row["psnr"] < 60 for row in table.values())
+
+
+def test_compare_quantizers_runs_every_variant(tmp_path: Path, monkeypatch):
+    """recipes/compare-quantizers.toml: every quantizer and DAPS-NA train 2 steps in one compare,
+    each at the same 128 bits per image."""
+    import json
+
+    pytest.importorskip("vector_quantize_pytorch")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "cq"
+    args = ["compare", str(ROOT / "recipes" / "compare-quantizers.toml"), "--steps", "2", "--out", str(out),
+            "--set", "run.eval_every=0", "--set", "eval.num_images=8", "--set", 'eval.metrics=["mse","usage"]']
+    assert main(args) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert len(table) == len(load_recipe(ROOT / "recipes" / "compare-quantizers.toml").compare.variants) >= 10
+    assert {row["bits_per_image"] for row in table} == {128}
+    assert all(row["step"] == 2 for row in table)

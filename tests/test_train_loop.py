@@ -143,3 +143,17 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert (ckpt / "latest").read_text() == before
     assert checkpoint.latest_tag(ckpt) == "step-00000006"
     assert not (ckpt / "step-00000007").exists()
+
+
+def test_a_time_budget_ends_the_run_at_its_first_step_past_it(tmp_path):
+    out, summary = run(tmp_path, run={"steps": 100_000, "seconds": 1.0, "log_every": 1000, "eval_every": 1000,
+                                      "checkpoint_every": 0})
+    assert summary["stopped_by"] == "time" and 1 <= summary["step"] < 100_000
+    assert summary["train_seconds"] >= 1.0
+    records = read_jsonl(out / "metrics.jsonl")
+    # The last step is logged, evaluated and checkpointed as the end of a run, not as a stop.
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == summary["step"]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [summary["step"]]
+    assert checkpoint.latest_tag(out / "checkpoints") == checkpoint.step_tag(summary["step"])
+    _, full = run(tmp_path, "by-steps")
+    assert full["stopped_by"] == "steps" and full["step"] == 12

@@ -40,6 +40,23 @@ def load(
     return load_tokenizer(resolve(path, revision), step=step, device=device)
 
 
+def quantizer(name: str, *, codes: int, **options: object) -> torch.nn.Module:
+    """A registered quantizer as a plain module (see :func:`ngkit.untrained.new_quantizer`):
+    ``q = ngkit.quantizer("rvq", codes=256); quantized, codes, aux, logs = q(h)``."""
+    from ngkit.untrained import new_quantizer
+
+    return new_quantizer(name, codes=codes, **options)
+
+
+def __getattr__(name: str) -> object:
+    """``from ngkit import Tokenizer`` without importing torch at ``import ngkit``."""
+    if name == "Tokenizer":
+        from ngkit.tokenizer import Tokenizer
+
+        return Tokenizer
+    raise AttributeError(f"module 'ngkit' has no attribute {name!r}")
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries that decide a number, recorded with every metric."""
     import torch
@@ -48,4 +65,4 @@ def versions() -> dict[str, str]:
     return {"ngkit": __version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
 
 
-__all__ = ["__version__", "hookimpl", "load", "versions"]
+__all__ = ["Tokenizer", "__version__", "hookimpl", "load", "quantizer", "versions"]

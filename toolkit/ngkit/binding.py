@@ -34,7 +34,7 @@ _SHAPES = ("image", "latent", "total_steps")
 # Datasets come first (the others are derived from them); metrics read the images and the latent
 # spec from each EvalBatch instead, so the same metric serves `ngkit run` and `ngkit eval`.
 CONTEXT_BY_KIND: dict[str, tuple[str, ...]] = {
-    "datasets": (),
+    "datasets": ("channels",),  # one that declares it makes that many channels itself
     "encoders": _SHAPES,
     "decoders": _SHAPES,
     "beta_schedules": _SHAPES,
@@ -113,7 +113,7 @@ def _short(exc: ValidationError) -> str:
 
 _CONTEXT_FIX = {
     "metrics": "Remove the parameter and read batch.images and batch.latent in update()",
-    "datasets": "Remove the parameter; a dataset takes only its recipe options",
+    "datasets": "Remove the parameter; a dataset takes only its recipe options and channels",
 }
 
 

@@ -2,8 +2,12 @@
 the same data, decoder, bits per image, budget and held-out images; then one table and one
 figure for all of them.
 
-A budget in seconds is turned into a step count per variant by timing a short calibration
-run, so that step-indexed schedules (β, temperature, learning rate) still complete.
+A budget in seconds (``--seconds S``) gives every variant S seconds of wall clock: each run ends
+at its first step past S (``[run] seconds``). Step-indexed schedules (β, temperature, learning
+rate) are laid out over the steps a short calibration run predicts for S, with
+:data:`SECONDS_HEADROOM` to spare so that no run ends on steps before its time is up; a run
+stopped by the clock has gone through about 1 / SECONDS_HEADROOM of its schedules or more. Every
+row of the table gives the steps each run reached and its seconds, in either mode.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from ngkit.recipe import Recipe, apply_overrides, parse_recipe, variant_raw
 
 console = Console(stderr=True)
 
+# Steps laid out per run under --seconds, as a multiple of the calibrated prediction: calibration
+# (10 steps, data loader start-up included) usually overestimates a step's time, and a run that
+# ran out of steps before its seconds would not be an equal-wall-clock run.
+SECONDS_HEADROOM = 1.25
+
 # Columns of the table: (result key, header, format); lower-is-better marked in the header.
 COLUMNS = [
     ("psnr", "PSNR dB ↑", ".2f"),
@@ -41,7 +50,7 @@ COLUMNS = [
     ("eta", "final η", ".3g"),
     ("ess", "final ESS/K", ".2f"),
     ("bits_per_image", "bits/image", ".0f"),
-    ("step", "steps", ".0f"),
+    ("step", "steps reached", ".0f"),
     ("train_seconds", "train s", ".0f"),
     ("images_per_s", "images/s", ".1f"),
 ]
@@ -80,7 +89,7 @@ def variants(raw: dict[str, Any], recipe: Recipe, labels: list[str] | None, sour
 
 def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
     row = dict(summary["metrics"])
-    for key in ("step", "train_seconds", "bits_per_image", "parameters", "images_per_s", "eta", "ess", "entropy", "codes"):
+    for key in ("step", "train_seconds", "stopped_by", "bits_per_image", "parameters", "images_per_s", "eta", "ess", "entropy", "codes"):
         row[key] = summary.get(key)
     return row
 
@@ -120,14 +129,17 @@ def run_compare(
     for variant in chosen:
         if seconds is not None:
             per_step = _calibrate(variant, str(source), out / "calibration" / variant.label, steps=10)
-            budgets[variant.label] = max(1, int(seconds / per_step))
-            console.print(f"[bold]{variant.label}[/]: {per_step:.3f} s/step -> {budgets[variant.label]} steps in {seconds:.0f} s")
+            budgets[variant.label] = max(1, math.ceil(SECONDS_HEADROOM * seconds / per_step))
+            console.print(f"[bold]{variant.label}[/]: {per_step:.3f} s/step -> schedules over "
+                          f"{budgets[variant.label]} steps, stopped at {seconds:g} s")
         elif steps is not None:
             budgets[variant.label] = steps
         for seed in seeds:
             overrides = [f"run.seed={seed}"]
             if variant.label in budgets:
                 overrides.append(f"run.steps={budgets[variant.label]}")
+            if seconds is not None:
+                overrides.append(f"run.seconds={seconds}")
             run_raw = apply_overrides(variant.raw, overrides, str(source))
             parsed = parse_recipe(run_raw, f"{source} [{variant.label}]")
             run_dir = out / f"{variant.label}-seed{seed}"
@@ -192,7 +204,8 @@ def write_outputs(
     out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], seeds: list[int],
     steps: int | None, seconds: float | None, budgets: dict[str, int],
 ) -> None:
-    budget = f"{seconds:.0f} s of training per run" if seconds else f"{steps} steps" if steps else "recipe steps"
+    budget = (f"{seconds:g} s of training per run (each stops at its first step past it)" if seconds
+              else f"{steps} steps" if steps else "recipe steps")
     header = f"Budget: {budget}; seeds {seeds}; mean ± std over seeds.\n\n"
     (out / "results.md").write_text(header + markdown(table))
     (out / "results.json").write_text(

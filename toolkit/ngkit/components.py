@@ -79,6 +79,7 @@ CONTEXT_ARGS: dict[str, str] = {
     "beta": "the built BetaSchedule (methods only)",
     "total_steps": "run.steps of the recipe",
     "classes": "class labels in a prior's code dataset (priors only)",
+    "channels": "[data] channels: 1 or 3, None for the dataset's own (datasets only)",
 }
 
 

@@ -47,7 +47,7 @@ class Snapshot:
     card: str = ""  # README.md (ngkit/model_card.py)
 
 
-def run_specs(run_dir: Path, codes: int, patch_size: int) -> tuple[ImageSpec, LatentSpec]:
+def run_specs(run_dir: Path, codes: int, patch_size: int | tuple[int, int]) -> tuple[ImageSpec, LatentSpec]:
     """The image and latent spec of a run, from its specs.json (no dataset needed)."""
     path = run_dir / SPECS
     if not path.is_file():  # a run trained before specs.json was written: ask its dataset

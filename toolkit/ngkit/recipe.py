@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from ngkit.errors import RecipeError
 from ngkit.paths import deepspeed_path_problems, name_problem, relative_problem
@@ -41,6 +41,9 @@ class DataSection(Component):
     """``[data]``: the dataset plugin and its options, plus the per-rank batch size."""
 
     batch_size: int = Field(32, gt=0, description="images per optimiser step on each rank")
+    channels: Literal[1, 3] | None = Field(
+        None, description="1: grey (luma of RGB), 3: RGB (grey repeated); default: the dataset's own"
+    )
     workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     max_unreadable: float = Field(
         0.01, ge=0, le=1, description="unreadable training images tolerated, as a fraction of those read"
@@ -56,9 +59,17 @@ def dataset_options(data: dict[str, Any]) -> dict[str, Any]:
 
 class ModelSection(Section):
     codes: int = Field(gt=1, description="vocabulary size V of every token")
-    patch_size: int = Field(gt=0, description="pixels per token side; tokens = (H/p)*(W/p)")
+    patch_size: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
+        description="pixels per token: p (square) or [height, width]; tokens = (H/ph)*(W/pw)"
+    )
     encoder: Component
     decoder: Component
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        """``patch_size`` as (height, width) in pixels."""
+        p = self.patch_size
+        return (p, p) if isinstance(p, int) else (p[0], p[1])
 
 
 class OptimSection(Section):
@@ -91,6 +102,10 @@ class ScheduleSection(Section):
 
 class RunSection(Section):
     steps: int = Field(gt=0, description="optimiser steps")
+    seconds: float | None = Field(
+        None, gt=0,
+        description="wall-clock budget of this process: end at the first step past it (schedules still span steps; a resumed run gets it afresh)",
+    )
     seed: int = 0
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="held-out eval cadence in steps; 0: at the end")

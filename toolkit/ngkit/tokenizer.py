@@ -39,6 +39,16 @@ class Tokenizer:
             f"images <-> {grid} tokens of {self.latent.codes} codes, step {self.config['step']}, {self.device})"
         )
 
+    @classmethod
+    def new(cls, method: str = "daps-na", *, codes: int, image_size: int | tuple[int, int], **options: Any) -> Tokenizer:
+        """A built, untrained tokenizer from the registered plugins, without a recipe:
+        ``Tokenizer.new(method="fsq", codes=256, image_size=32)``. Options (``channels``,
+        ``patch_size``, ``encoder``, ``decoder``, then the method's keys) are those of
+        :func:`ngkit.untrained.new_tokenizer`."""
+        from ngkit.untrained import new_tokenizer
+
+        return new_tokenizer(method, codes=codes, image_size=image_size, **options)
+
     @property
     def device(self) -> torch.device:
         return next(self.method.parameters()).device

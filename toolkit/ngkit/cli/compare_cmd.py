@@ -17,7 +17,9 @@ def compare(
     recipe: Path = typer.Argument(..., help="Recipe with [compare.variants] (e.g. recipes/compare-photos.toml)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma list of variants or method names (default: all variants)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Equal step budget for every method."),
-    seconds: Optional[float] = typer.Option(None, "--seconds", help="Equal wall-clock training budget for every method."),
+    seconds: Optional[float] = typer.Option(
+        None, "--seconds", help="Equal wall clock: every method trains this many seconds (to its first step past them)."
+    ),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma list of seeds, or a count N for seeds 0..N-1."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/compare-<recipe>)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key for every method: dotted.key=value."),
@@ -25,6 +27,8 @@ def compare(
     """Same data, decoder, bits per image, budget and held-out images for every method."""
     if steps is not None and seconds is not None:
         raise NgkitError("give --steps or --seconds, not both")
+    if seconds is not None and not seconds > 0:
+        raise NgkitError(f"--seconds {seconds}: give a positive number of seconds of training per run")
     seed_list = None
     if seeds:
         parts = [s.strip() for s in seeds.split(",") if s.strip()]

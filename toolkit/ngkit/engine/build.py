@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ngkit.binding import build_component, component_label, component_tables
+from ngkit.binding import build_component, component_label, component_tables, factory_params
 from ngkit.plugins import get_registry
 from ngkit.components import BetaSchedule, ImageDataset, ImageSpec, LatentSpec, Method, Metric
+from ngkit.channels import WithChannels
 from ngkit.errors import RecipeError
 from ngkit.engine.sizes import check_memory
 from ngkit.recipe import Recipe
@@ -34,16 +35,26 @@ class Built:
     method: Method
 
 
-def latent_for(image: ImageSpec, codes: int, patch_size: int, source: str = "recipe") -> LatentSpec:
-    if image.height % patch_size or image.width % patch_size:
+def latent_for(
+    image: ImageSpec, codes: int, patch_size: int | tuple[int, int] | list[int], source: str = "recipe"
+) -> LatentSpec:
+    """The latent grid: one token per ``patch_size`` (p, or (height, width)) patch of the image."""
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    if image.height % ph or image.width % pw:
+        shown = ph if ph == pw else f"[{ph}, {pw}] (height, width)"
+
+        def divisors(n: int) -> str:
+            return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
         raise RecipeError(
             source,
             [
-                f"[model.patch_size] {patch_size} does not divide the {image.height}x{image.width} "
-                f"images of this dataset; pick a divisor of both"
+                f"[model.patch_size] {shown} does not tile the {image.height}x{image.width} (height x width) "
+                f"images of this dataset; a patch height must divide {image.height} ({divisors(image.height)}) "
+                f"and a width {image.width} ({divisors(image.width)}); write [height, width] for non-square patches"
             ],
         )
-    return LatentSpec((image.height // patch_size, image.width // patch_size), codes)
+    return LatentSpec((image.height // ph, image.width // pw), codes)
 
 
 def check_device(recipe: Recipe, cuda: bool) -> list[str]:
@@ -67,11 +78,30 @@ def check_device(recipe: Recipe, cuda: bool) -> list[str]:
 
 
 def build_dataset(recipe: Recipe, source: str = "recipe") -> ImageDataset:
-    kind, table, where = component_tables(recipe)[0]
+    """The ``[data]`` dataset with ``[data] channels``: a dataset that declares a ``channels``
+    parameter makes them itself (the ``hf`` plugin decodes to grey or RGB), any other is
+    converted image by image (:class:`ngkit.channels.WithChannels`)."""
+    _, table, where = component_tables(recipe)[0]
+    return dataset_with_channels(table, recipe.data.channels, where, source)
+
+
+def dataset_with_channels(table: dict[str, Any], channels: int | None, where: str = "data",
+                          source: str = "recipe") -> ImageDataset:
+    """The dataset of a ``[data]`` table without the core's keys, made or converted to ``channels``."""
+    kind = "datasets"
     try:
-        return build_component(kind, table, {}, where)
+        dataset = build_component(kind, table, {"channels": channels}, where)
     except RecipeError as exc:
         raise RecipeError(source, exc.problems) from exc
+    if channels is None or dataset.spec.channels == channels:
+        return dataset
+    if "channels" in factory_params(get_registry().entries[kind][table["name"]].factory)[0]:
+        raise RecipeError(source, [f'[data] dataset "{table["name"]}" was asked for {channels} channels but '
+                                   f"makes {dataset.spec.channels}; a bug of its plugin"])
+    if dataset.spec.channels not in (1, 3):
+        raise RecipeError(source, [f'[data.channels] dataset "{table["name"]}" has {dataset.spec.channels} '
+                                   f"channels; only 1 (grey) and 3 (RGB) convert; remove [data] channels"])
+    return WithChannels(dataset, channels)
 
 
 MODEL_TABLES = {"model.encoder": "encoders", "model.decoder": "decoders", "schedule.beta": "beta_schedules"}

@@ -28,7 +28,7 @@ from ngkit.engine import checkpoint
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
-from ngkit.engine.distributed import DistInfo, init_distributed, pick_device, set_accelerator_env
+from ngkit.engine.distributed import DistInfo, all_ranks_agree, init_distributed, pick_device, set_accelerator_env
 from ngkit.engine.ema import STATE_KEY as EMA_KEY, Ema, make_ema, weights_for_eval
 from ngkit.engine.evaluate import EvalResult, evaluate
 from ngkit.engine.lock import holds_run_dir
@@ -242,7 +242,8 @@ def open_run(t: Trainer, start: Start, quiet: bool) -> None:
 
 def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
     """One optimiser step (``accumulate`` micro-batches, see :mod:`ngkit.engine.step`) at a time:
-    step, log, evaluate, checkpoint; leaves early, checkpointed, on a stop signal."""
+    step, log, evaluate, checkpoint; leaves early, checkpointed, on a stop signal, and ends at
+    the first step past ``[run] seconds``."""
     run_cfg, recipe = t.recipe.run, t.recipe
     state = Loop(step=start.step, saved_step=start.step if t.resume_tag else None)
     plan = StepPlan.of(t.engine, recipe, t.dist.device, t.dtype)
@@ -256,14 +257,18 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
         taken = train_step(t.engine, t.batches, step, plan, stop_requested=lambda: signals.requested,
                            save_overdue=save_overdue)
         state.save_due = state.save_due or taken.save_due
+        # [run] seconds: every rank ends at the first step past the budget (rank clocks differ: one all-reduce)
+        out_of_time = bool(run_cfg.seconds) and not all_ranks_agree(
+            time.perf_counter() - state.t_start < run_cfg.seconds, device=t.dist.device)[0]
+        last = step == run_cfg.steps or out_of_time
         if taken.stop and state.stop_signal is None:
             state.stop_signal = signals.name or "a signal to another rank"
         if taken.applied and t.ema is not None:  # [run] ema: only applied steps move the average
             t.ema.update(t.method)
         _count(t, state, taken.applied, taken.logs)
-        if step % run_cfg.log_every == 0 or step == run_cfg.steps:
+        if step % run_cfg.log_every == 0 or last:
             _log_window(t, state)
-        if run_cfg.eval_every and step % run_cfg.eval_every == 0 and step != run_cfg.steps:
+        if run_cfg.eval_every and step % run_cfg.eval_every == 0 and not last:
             result = run_eval(t, step, periodic, recipe.eval.periodic_images or recipe.eval.num_images)
             record = _eval_record(step, result)
             if t.main:
@@ -271,10 +276,10 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
                 get_plugin_manager().hook.on_eval_end(run=t.run, step=step, metrics=result.values)
             t.progress.update(step, record)
         every = run_cfg.checkpoint_every and step % run_cfg.checkpoint_every == 0
-        if step != run_cfg.steps and (every or state.save_due or state.stop_signal):
+        if not last and (every or state.save_due or state.stop_signal):
             save(t, step)
             state.saved_step, state.t_saved, state.save_due = step, time.perf_counter(), False
-        if state.stop_signal:
+        if state.stop_signal or out_of_time:
             break
     return state
 
@@ -373,6 +378,7 @@ def finish(t: Trainer, state: Loop) -> TrainResult:
         "recipe": t.trained,
         "step": step,
         "train_seconds": train_seconds,
+        "stopped_by": "time" if step < t.recipe.run.steps else "steps",
         "skipped_steps": state.skipped,
         "unreadable_images": len(t.batches.unreadable),
         "beta": t.built.beta(step),

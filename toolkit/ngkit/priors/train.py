@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ngkit.binding import build_component
+from ngkit.engine.build import dataset_with_channels
 from ngkit.engine.train_loop import TrainResult, train
 from ngkit.errors import RecipeError
 from ngkit.priors.codes import CodeDataset, check_precision
@@ -20,7 +20,8 @@ def code_dataset(recipe: PriorRecipe, source: str = "recipe") -> tuple[PriorReci
     absolute path, and the number of classes (so that sampling needs neither the data nor the cwd)."""
     tokenizer_path = Path(recipe.prior.tokenizer).resolve()
     tokenizer = load(tokenizer_path)
-    codes = CodeDataset(tokenizer, build_component("datasets", dataset_options(recipe.data.model_dump()), {}, "data"))
+    images = dataset_with_channels(dataset_options(recipe.data.model_dump()), recipe.data.channels, "data", source)
+    codes = CodeDataset(tokenizer, images)
     if recipe.prior.classes is not None and recipe.prior.classes != codes.classes:
         raise RecipeError(source, [
             f"[prior.classes] is {recipe.prior.classes} but the dataset has {codes.classes} classes; remove the key "
