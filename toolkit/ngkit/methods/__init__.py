@@ -4,12 +4,13 @@ docs/writing-a-plugin.md "What a plugin may import").
 - :class:`CategoricalVAE`: the base of every method whose encoder is a categorical q(z|x)
   (DAPS, Gumbel, REINFORCE, PPO), with the evaluation helpers they share;
 - :class:`DeadCodeSplitter`: re-seeds unused codes from used ones;
-- :class:`EncoderTrustRegion` and :func:`token_kl`: the encoder's real step, measured and bounded.
+- :class:`EncoderTrustRegion`, :func:`project_step` and :func:`token_kl`: the encoder's real step,
+  measured and bounded (a penalty or a projection).
 """
 
 from __future__ import annotations
 
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
-from ngkit.methods.trust_region import EncoderTrustRegion, token_kl
+from ngkit.methods.trust_region import EncoderTrustRegion, StepProjection, project_step, token_kl
 
-__all__ = ["CategoricalVAE", "DeadCodeSplitter", "EncoderTrustRegion", "token_kl"]
+__all__ = ["CategoricalVAE", "DeadCodeSplitter", "EncoderTrustRegion", "StepProjection", "project_step", "token_kl"]
