@@ -46,6 +46,7 @@ KINDS: dict[str, str] = {
     "quantizers": "register_quantizers",
     "metrics": "register_metrics",
     "priors": "register_priors",
+    "losses": "register_losses",
 }
 
 # kind -> the singular noun used in messages
@@ -60,6 +61,7 @@ NOUNS: dict[str, str] = {
     "quantizers": "quantizer",
     "metrics": "metric",
     "priors": "prior",
+    "losses": "loss",
 }
 
 
