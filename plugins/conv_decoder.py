@@ -110,10 +110,13 @@ class ConvDecoder(CodeTableDecoder):
         Standardising shifts the density by the constant -sum(log std) per image relative to [0, 1]
         pixel units; it does not change gradients or the ranking of samples.
         """
+        return self.pixel_log_prob(x, params).flatten(1).sum(-1)
+
+    def pixel_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """The Gaussian log density of each standardised pixel, ``[B, C, H, W]`` (nats)."""
         mu, logvar = self._mean_logvar(params)
         xs = (x - self.pixel_mean) / self.pixel_std
-        log_density = -0.5 * (LOG_2PI + logvar + (xs - mu) ** 2 * torch.exp(-logvar))
-        return log_density.flatten(1).sum(-1)
+        return -0.5 * (LOG_2PI + logvar + (xs - mu) ** 2 * torch.exp(-logvar))
 
     def mean(self, params: Tensor) -> Tensor:
         mu, _ = self._mean_logvar(params)

@@ -3,13 +3,15 @@
 The encoder is a policy, the decoder log-likelihood its reward; the encoder is fitted by
 weighted maximum likelihood to the proxy posterior q~ over its own K samples, and no gradient
 flows through the sampled codes. Every step also measures the encoder's real step,
-``encoder_kl`` = KL(q_old ‖ q_new) per image; ``trust_region > 0`` bounds it (MPO's M-step).
-Gradient clipping and skipping non-finite steps are the engine's job.
+``encoder_kl`` = KL(q_old ‖ q_new) per image; ``trust_region > 0`` bounds it, by a penalty (MPO's
+M-step) or by projecting the step back (TRPO's line search). ``credit = "token"`` gives each token
+of a factorised encoder its own reward and proxy weights. Gradient clipping and skipping
+non-finite steps are the engine's job.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -26,9 +28,14 @@ from ngkit.components import (
     StepSizePolicy,
     host_logs,
 )
+from ngkit.errors import TrainingError
 from ngkit.methods.beta import reward_scale
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
-from ngkit.methods.trust_region import EncoderTrustRegion, token_kl
+from ngkit.methods.trust_region import EncoderTrustRegion, project_step, token_kl
+from ngkit_plugins.daps_proxy import patch_rewards
+
+TrustRegionMode = Literal["penalty", "project"]
+Credit = Literal["sequence", "token"]
 
 NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
@@ -55,6 +62,8 @@ class Daps(CategoricalVAE):
         trust_region: float = 0.0,
         trust_region_lr: float = 0.3,
         trust_region_init: float = 1.0,
+        trust_region_mode: TrustRegionMode = "penalty",
+        credit: Credit = "sequence",
     ) -> None:
         """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
         times their uniform share take over part of a used code (:class:`DeadCodeSplitter`);
@@ -63,7 +72,12 @@ class Daps(CategoricalVAE):
         ``trust_region``: bound ε in nats per image on the encoder's real step KL(q_old ‖ q_new),
         enforced by a multiplier α (start ``trust_region_init``) learned by dual ascent at
         ``trust_region_lr`` in log α (:class:`EncoderTrustRegion`); 0 (the paper) leaves the step
-        to the optimiser."""
+        to the optimiser. ``trust_region_mode = "project"`` enforces the same ε exactly instead:
+        after the optimiser's step the encoder is moved back to θ_old + t·Δθ with the largest t
+        found that keeps the step's KL ≤ ε (:func:`project_step`; the decoder keeps its full step).
+        ``credit = "token"`` (factorised encoders): each token's reward is the decoder
+        log-likelihood of the pixels of its own patch, and each token gets its own proxy weights
+        (docs/daps.md, "Per-token credit")."""
         if self.factorised_only and encoder.autoregressive:
             raise ValueError(
                 f'method "{self.name}" needs a factorised (non-autoregressive) encoder, but the '
@@ -72,8 +86,27 @@ class Daps(CategoricalVAE):
             )
         if samples < 2:
             raise ValueError(f'method "{self.name}": samples (K) must be >= 2 to compare codes, got {samples}')
+        if trust_region_mode not in ("penalty", "project"):
+            raise ValueError(
+                f'method "{self.name}": trust_region_mode must be "penalty" or "project", got {trust_region_mode!r}'
+            )
+        if credit not in ("sequence", "token"):
+            raise ValueError(f'method "{self.name}": credit must be "sequence" or "token", got {credit!r}')
+        if credit == "token" and encoder.autoregressive:
+            raise ValueError(
+                f'method "{self.name}": credit = "token" needs a factorised encoder (the per-token '
+                "proxy is exact only when q(z|x) = prod_l q(z_l|x)); set `[model.encoder] factorised = "
+                'true`, or credit = "sequence"'
+            )
+        if credit == "token" and type(decoder).pixel_log_prob is Decoder.pixel_log_prob:
+            raise ValueError(
+                f'method "{self.name}": credit = "token" needs the decoder\'s per-pixel log-likelihood, '
+                f"but {type(decoder).__name__} has no pixel_log_prob; use the conv or mlp decoder, or "
+                'credit = "sequence"'
+            )
         super().__init__(encoder, decoder)
         self.beta = beta
+        self.credit = credit
         self.samples = samples
         self.one_pass = one_pass
         self.proxy = proxy
@@ -84,9 +117,14 @@ class Daps(CategoricalVAE):
         # step, and with a trust region the next step's penalty pulls back toward those logits.
         self._step_batch: tuple[Tensor, Tensor, Tensor] | None = None
         self._anchor: tuple[Tensor, Tensor, Tensor] | None = None
-        self.trust = (
-            EncoderTrustRegion(trust_region, trust_region_lr, trust_region_init) if trust_region > 0 else None
-        )
+        if trust_region < 0:
+            raise ValueError(f'method "{self.name}": trust_region must be >= 0 nats per image, got {trust_region}')
+        penalty, project = trust_region > 0 and trust_region_mode == "penalty", trust_region > 0 and trust_region_mode == "project"
+        self.trust = EncoderTrustRegion(trust_region, trust_region_lr, trust_region_init) if penalty else None
+        self.project_bound = trust_region if project else 0.0
+        # The encoder's parameters before the optimiser step (projection only): taken by the first
+        # forward of a step, used and dropped by after_step; never alive between steps.
+        self._theta_old: list[Tensor] | None = None
 
     def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
         if self.one_pass:  # z [K, B, L] drawn without gradient, logq [K, B] with it
@@ -94,20 +132,30 @@ class Daps(CategoricalVAE):
         else:
             z, _ = self.encoder.sample(x, self.samples)
             enc = self.encoder.log_prob(x, z)  # teacher-forced
+        if self.project_bound > 0 and self._theta_old is None:
+            self._theta_old = self._snapshot_encoder()
         self.splitter.observe(z)
-        logp, _ = self.decoder_log_prob(x, z)  # [K, B]
-        logp_sg, logq_sg = logp.detach(), enc.logq.detach()
         self._step_batch = (x.detach(), z, self._kl_view(enc.logits.detach()))
+        if self.credit == "token":
+            # Per token: reward r_l, log q_l(z_l|x) [K, B, L]; the proxy treats each (image, token)
+            # as one column [K, B*L] (docs/daps.md, "Per-token credit").
+            logp, reward = self._token_rewards(x, z)
+            logq = enc.logits.gather(-1, z.unsqueeze(-1)).squeeze(-1)
+        else:
+            logp, _ = self.decoder_log_prob(x, z)  # [K, B]
+            reward, logq = logp.detach(), enc.logq
+        k = reward.shape[0]
+        reward_sg, logq_sg = reward.reshape(k, -1), logq.detach().reshape(k, -1)
         beta_schedule = float(self.beta(step))
-        beta = beta_schedule * reward_scale(self.beta, logp_sg)
+        beta = beta_schedule * reward_scale(self.beta, reward_sg)
 
-        eta = self.step_size.eta(logp_sg, logq_sg, beta)
-        proxy = self.proxy(logp_sg, logq_sg, eta, beta)
-        weights = proxy.weights.detach().float()
-        policy_loss = -(weights * enc.logq.float()).sum(0).mean()
+        eta = self.step_size.eta(reward_sg, logq_sg, beta)
+        proxy = self.proxy(reward_sg, logq_sg, eta, beta)
+        weights = proxy.weights.detach().float().view_as(logq)
+        policy_loss = -(weights * logq.float()).sum(0).reshape(logq.shape[1], -1).sum(-1).mean()
         gen_loss = -logp.mean()
         loss = policy_loss + gen_loss
-        self._last = (logp_sg, logq_sg, beta)
+        self._last = (reward_sg, logq_sg, beta)
         trust_stats = self._trust_region_penalty(self.trust) if self.trust is not None else {}
         if trust_stats:
             loss = loss + trust_stats["tr_penalty"]
@@ -120,8 +168,8 @@ class Daps(CategoricalVAE):
             "eta": torch.as_tensor(eta),
             "ess": proxy.ess / self.samples,  # fraction of K
             "kl": proxy.kl,  # nats, sample estimate of KL(q~||q)
-            "logp": logp_sg.mean(),
-            "logq": logq_sg.mean(),
+            "logp": logp.detach().mean(),
+            "logq": enc.logq.detach().mean(),
             "entropy": enc.entropy.detach().mean(),  # nats per token
             "advantage_mean": adv.mean(),
             "advantage_std": adv.std(dim=0).mean(),  # spread over the K samples of an image
@@ -133,6 +181,30 @@ class Daps(CategoricalVAE):
         if beta != beta_schedule:
             logs["beta_schedule"] = beta_schedule
         return StepOutput(loss=loss, logs=logs)
+
+    def _token_rewards(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """log p(x|z) ``[K, B]`` with gradient, and each token's reward ``[K, B, L]`` without: the
+        log-likelihood of the pixels its patch covers (the two agree: Σ_l r_l = log p)."""
+        k, b = z.shape[0], z.shape[1]
+        params = self.decoder(self.decoder.embed(z.flatten(0, 1)))
+        x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+        pixels = self.decoder.pixel_log_prob(x_rep, params)  # [K*B, C, H, W]
+        logp = pixels.flatten(1).sum(-1).view(k, b)
+        return logp, patch_rewards(pixels.detach(), self.latent.grid).view(k, b, -1)
+
+    def _snapshot_encoder(self) -> list[Tensor]:
+        """θ_old for the projection: copies of the encoder's parameters before the optimiser step.
+        Refused where the optimiser does not step these tensors themselves (ZeRO 1-3 partitions,
+        bf16/fp16 master weights): moving them back would be undone by the next step."""
+        params = list(self.encoder.parameters())
+        if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params):
+            raise TrainingError(
+                f'method "{self.name}": trust_region_mode = "project" needs the optimiser to step the '
+                "model's own parameters, i.e. [distributed] zero_stage = 0 and precision = \"fp32\" (the "
+                "defaults); this run's parameters are partitioned by ZeRO or held as bf16/fp16 copies "
+                'of fp32 master weights. Use those settings, or trust_region_mode = "penalty"'
+            )
+        return [p.detach().clone() for p in params]
 
     def _kl_view(self, logits: Tensor) -> Tensor:
         """The logits KL(q_old ‖ q_new) needs: a factorised encoder's are the same for all K
@@ -169,13 +241,21 @@ class Daps(CategoricalVAE):
     def _measure_step(self) -> dict[str, float]:
         """``encoder_kl``: mean over the last batch of KL(q_old(·|x) ‖ q_new(·|x)) across the
         optimiser step just taken (exact if factorised, sampled along z ~ q_old if
-        autoregressive); with a trust region it also takes the dual step on α."""
+        autoregressive). With the penalty it also takes the dual step on α; with the projection
+        it first moves the encoder back inside the bound (``encoder_kl_raw`` before, ``tr_t``)."""
         if self._step_batch is None:
             return {}
         x, z, old_logits = self._step_batch
         self._step_batch = None
-        new_logits = self.encoder.log_prob(x, self._kl_codes(z)).logits
-        kl = token_kl(old_logits, new_logits).mean()
+
+        def kl_now() -> Tensor:
+            return token_kl(old_logits, self.encoder.log_prob(x, self._kl_codes(z)).logits).mean()
+
+        if self.project_bound > 0 and self._theta_old is not None:
+            old, self._theta_old = self._theta_old, None
+            done = project_step(list(self.encoder.parameters()), old, kl_now, self.project_bound)
+            return {"encoder_kl": done.kl, "encoder_kl_raw": done.kl_raw, "tr_t": done.t}
+        kl = kl_now()
         logs = {"encoder_kl": float(kl)}
         if self.trust is not None:
             logs.update(self.trust.update(kl))

@@ -10,6 +10,11 @@ Exactly, q~/q = u / E_q[u] with u = exp((r − β·log q)/(η+β)); replacing E_
 mean (1/K) Σ_j u_j gives q~/q ≈ K·w on the samples, hence the sample KL estimate
 KL(q~‖q) = E_q~[log q~/q] ≈ Σ_k w log(K·w) = KL(w ‖ uniform over K): always in [0, log K],
 0 for uniform weights and log K for one-hot weights (so a bound ≥ log K can never bind).
+
+Per-token credit (factorised q, docs/daps.md "Per-token credit"): with a reward per token r_l and
+q(z|x) = Π_l q_l(z_l|x), the proxy of an additive reward Σ_l r_l(z_l) is the product of per-token
+proxies q~_l ∝ q_l^(η/(η+β))·exp(r_l/(η+β)), so each token's weights are the formula above on its
+own column: ``proxy_weights`` of ``[K, B*L]`` rewards (:func:`patch_rewards` makes them).
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ Baseline = Literal["logsumexp", "mean"]
 
 def _baseline_error(baseline: object) -> str:
     return f'posterior proxy "daps": baseline must be "logsumexp" or "mean", got {baseline!r}'
+
+
+def patch_rewards(pixels: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per-pixel log-likelihoods ``[N, C, H, W]`` summed over each token's patch -> ``[N, L]``,
+    tokens row-major on the latent ``grid`` (rows, cols); patches are H/rows × W/cols pixels."""
+    n, c, h, w = pixels.shape
+    rows, cols = grid
+    patches = pixels.reshape(n, c, rows, h // rows, cols, w // cols)
+    return patches.sum(dim=(1, 3, 5)).reshape(n, rows * cols)
 
 
 def _lse_advantages(logp: Tensor) -> Tensor:

@@ -52,7 +52,11 @@ class MlpDecoder(CodeTableDecoder):
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         """sum over pixels of x log p + (1 - x) log(1 - p), p = sigmoid(logits) (nats, ``[B]``)."""
-        return -F.binary_cross_entropy_with_logits(params, x, reduction="none").flatten(1).sum(-1)
+        return self.pixel_log_prob(x, params).flatten(1).sum(-1)
+
+    def pixel_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """The Bernoulli log-likelihood of each pixel, ``[B, C, H, W]`` (nats)."""
+        return -F.binary_cross_entropy_with_logits(params, x, reduction="none")
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)

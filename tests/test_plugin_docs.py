@@ -162,6 +162,16 @@ def test_metric_example(plugin):
     assert metric.protocol()["images"] == 4
 
 
+@pytest.mark.parametrize("plugin", ["loss"], indirect=True)
+def test_loss_example(plugin):
+    loss = build("losses", {"name": "edges", "scale": 64.0})
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loss(images, images), torch.zeros(3))
+    recon = images.clone()
+    recon[:, 0, 0, 0] += 0.5  # changes one horizontal difference by -0.5
+    assert loss(images, recon).tolist() == pytest.approx([0.25] * 3)
+
+
 @pytest.mark.parametrize("plugin", ["run_hooks"], indirect=True)
 def test_run_hooks_example(plugin, tmp_path, capsys):
     from ngkit.plugins import get_plugin_manager

@@ -57,6 +57,40 @@ def test_recipe_builds_in_recipes_validate(path: Path, trusted, capsys):
     assert main(["recipes", "validate", *gpu, str(path)]) == 0, capsys.readouterr().err
 
 
+def test_vqgan_style_recipe_runs_a_few_steps(tmp_path, monkeypatch):
+    """recipes/vqgan-style.toml as shipped, on a random VGG-16 file trusted as the published one,
+    3 steps with the adversarial term from step 2: both losses logged, EMA exported."""
+    import hashlib
+    from dataclasses import replace
+
+    import torch
+
+    from ngkit import weights
+    from ngkit.engine.artifacts import read_jsonl
+    from ngkit.engine.train_loop import train
+    from ngkit.export import export
+    from ngkit.recipe import parse_recipe, read_toml
+    from ngkit_plugins.lpips_loss import LPIPS
+
+    vgg = tmp_path / "vgg16-random.pth"
+    torch.save(LPIPS().net.state_dict(), vgg)
+    digest = hashlib.sha256(vgg.read_bytes()).hexdigest()
+    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "vgg16", replace(weights.KNOWN_WEIGHTS["vgg16"], sha256=digest))
+    monkeypatch.setenv("NGKIT_VGG16_WEIGHTS", str(vgg))
+    raw = read_toml(ROOT / "recipes" / "vqgan-style.toml")
+    raw["data"]["batch_size"] = 4
+    raw["run"].update(steps=3, log_every=1, eval_every=0)
+    raw["eval"].update(num_images=8, batch_size=8)
+    raw["loss"][1]["start"] = 2
+    out = tmp_path / "run"
+    train(parse_recipe(raw, "vqgan-style"), out, quiet=True)
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert all("loss/lpips" in r for r in records)
+    assert ["loss/patchgan" in r for r in records] == [False, True, True]
+    assert (out / "tensorboard").is_dir()
+    assert export(out, out / "export").config["weights"] == "ema"
+
+
 PAPER_MNIST_SHORT = ["--set", "run.eval_every=0", "--set", "eval.num_images=64", "--set", "eval.batch_size=64",
                      "--set", 'eval.metrics=["mse", "psnr", "usage"]']
 

@@ -33,12 +33,16 @@ hookimpl = pluggy.HookimplMarker("ngkit")
 """Marker for plugin hook implementations."""
 
 
-def load(path: str | Path, *, step: int | None = None, device: str | torch.device = "cpu") -> Tokenizer:
-    """A trained tokenizer from an export folder, a run directory or a checkpoint (see
-    :func:`ngkit.tokenizer.load`); imported on first use, so ``import ngkit`` stays light."""
+def load(
+    path: str | Path, *, step: int | None = None, device: str | torch.device = "cpu", revision: str | None = None
+) -> Tokenizer:
+    """A trained tokenizer from an export folder, a run directory, a checkpoint (see
+    :func:`ngkit.tokenizer.load`) or a Hugging Face Hub id ``"user/repo"`` (at ``revision``;
+    :mod:`ngkit.hub`); imported on first use, so ``import ngkit`` stays light."""
+    from ngkit.hub import resolve
     from ngkit.tokenizer import load as load_tokenizer
 
-    return load_tokenizer(path, step=step, device=device)
+    return load_tokenizer(resolve(path, revision), step=step, device=device)
 
 
 def quantizer(name: str, *, codes: int, **options: object) -> torch.nn.Module:

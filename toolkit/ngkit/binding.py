@@ -46,6 +46,7 @@ CONTEXT_BY_KIND: dict[str, tuple[str, ...]] = {
     "quantizers": _SHAPES,
     "metrics": (),
     "priors": ("latent", "classes"),  # the frozen tokenizer's latent spec, the dataset's label count
+    "losses": _SHAPES,
 }
 
 
@@ -300,6 +301,10 @@ def tables_of(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
     for metric in sorted(set(options) - set(metrics)):
         if isinstance(options[metric], dict):
             tables.append(("metrics", {"name": metric, **options[metric]}, f"eval.options.{metric}"))
+    losses = data.get("loss")
+    for i, loss in enumerate(losses if isinstance(losses, list) else []):
+        if isinstance(loss, dict):  # [[loss]]: weight and start are the core's (ngkit/losses.py)
+            tables.append(("losses", {k: v for k, v in loss.items() if k not in ("weight", "start")}, f"loss.{i}"))
     return tables
 
 

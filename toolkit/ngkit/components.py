@@ -198,6 +198,11 @@ class Decoder(nn.Module):
         """log p(x|z) per image ``[B]``, summed over pixels; ``x`` in [0, 1]."""
         raise NotImplementedError
 
+    def pixel_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """Optional: log p(x|z) per pixel ``[B, C, H, W]`` (``log_prob`` is its sum over pixels);
+        DAPS's per-token credit (``[method] credit = "token"``) needs it."""
+        raise NotImplementedError
+
     def mean(self, params: Tensor) -> Tensor:
         """The reconstruction ``[B, C, H, W]`` in [0, 1] pixel space."""
         raise NotImplementedError

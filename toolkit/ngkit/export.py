@@ -25,6 +25,7 @@ from ngkit.engine.build import MODEL_TABLES, build_dataset, build_method, latent
 from ngkit.engine.load import locate, read_model_state
 from ngkit.errors import NgkitError, WeightsError
 from ngkit.export_files import staged_dir
+from ngkit.model_card import CARD
 from ngkit.plugins import get_plugin_manager
 from ngkit.recipe import load_recipe
 
@@ -39,10 +40,11 @@ KINDS = {**MODEL_TABLES, "method": "methods"}  # recipe key -> registry kind
 
 @dataclass
 class Snapshot:
-    """An export in memory: the config and the tensors ``encode``/``decode`` need."""
+    """An export in memory: the config, the tensors ``encode``/``decode`` need, the model card."""
 
     config: dict[str, Any]
     state: dict[str, Tensor]
+    card: str = ""  # README.md (ngkit/model_card.py)
 
 
 def run_specs(run_dir: Path, codes: int, patch_size: int | tuple[int, int]) -> tuple[ImageSpec, LatentSpec]:
@@ -139,8 +141,11 @@ def inference_parts(method: Method, image: ImageSpec) -> set[str]:
     return {key.split(".")[0] for key, tensor in tensors.items() if id(tensor) in reads.ids}
 
 
-def snapshot(target: Path, *, step: int | None = None, dtype: str = "float32") -> Snapshot:
-    """Read a run's checkpoint (latest, or ``step``) into an export, without DeepSpeed for ZeRO 0-2."""
+def snapshot(
+    target: Path, *, step: int | None = None, dtype: str = "float32", weights: str | None = None
+) -> Snapshot:
+    """Read a run's checkpoint (latest, or ``step``) into an export, without DeepSpeed for ZeRO 0-2.
+    ``weights``: "ema" (the weight average of ``[run] ema``), "raw", or None: "ema" where the run kept one."""
     if dtype not in DTYPES:
         raise NgkitError(f"unknown export dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     run_dir, tag = locate(target, step)
@@ -159,6 +164,7 @@ def snapshot(target: Path, *, step: int | None = None, dtype: str = "float32") -
             f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'}); "
             f"was it trained with other versions of the plugins in {run_dir / 'recipe.toml'}?"
         )
+    module, weights = choose_weights(module, client, weights, run_dir / "checkpoints" / tag)
     parts = inference_parts(method, image)
     state = {
         key: (value.to(DTYPES[dtype]) if value.is_floating_point() else value).detach().clone().contiguous()
@@ -177,6 +183,7 @@ def snapshot(target: Path, *, step: int | None = None, dtype: str = "float32") -
                    "patch_size": recipe.model.patch_size},
         "sample": can_sample(method),
         "dtype": dtype,
+        "weights": weights,
         "not_exported": sorted({key.split(".")[0] for key in module} - parts),
         "total_steps": recipe.run.steps,
         "step": int(client.get("step", int(tag.split("-")[-1]))),
@@ -184,7 +191,27 @@ def snapshot(target: Path, *, step: int | None = None, dtype: str = "float32") -
         "trained": {"dataset": recipe.data.name, "precision": recipe.distributed.precision,
                     "zero_stage": recipe.distributed.zero_stage, "ngkit_version": client.get("ngkit_version")},
     }
-    return Snapshot(config, state)
+    return Snapshot(config, state, card_for(config, run_dir))
+
+
+def choose_weights(
+    module: dict[str, Tensor], client: dict[str, Any], weights: str | None, where: Path
+) -> tuple[dict[str, Tensor], str]:
+    """The raw weights or their average (``[run] ema``, engine/ema.py), and which it is."""
+    from ngkit.engine.ema import STATE_KEY, apply_to_state
+
+    average = client.get(STATE_KEY)
+    weights = weights or ("ema" if average is not None else "raw")
+    if weights not in ("ema", "raw"):
+        raise NgkitError(f'unknown --weights {weights!r}; choose "ema" (the weight average) or "raw"')
+    if weights == "raw":
+        return module, weights
+    if average is None:
+        raise NgkitError(
+            f"--weights ema: {where} holds no weight average (the run trained with [run] ema = 0); "
+            f"export --weights raw, or train with [run] ema = 0.999"
+        )
+    return apply_to_state(module, average["shadow"]), weights
 
 
 def write_export(snap: Snapshot, out: Path) -> None:
@@ -201,10 +228,21 @@ def write_export(snap: Snapshot, out: Path) -> None:
     with staged_dir(out) as tmp:
         (tmp / WEIGHTS).write_bytes(data)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if snap.card:
+            (tmp / CARD).write_text(snap.card)
 
 
-def export(target: Path, out: Path, *, step: int | None = None, dtype: str = "float32") -> Snapshot:
+def export(
+    target: Path, out: Path, *, step: int | None = None, dtype: str = "float32", weights: str | None = None
+) -> Snapshot:
     """Export a run or checkpoint into ``out``; returns what was written."""
-    snap = snapshot(target, step=step, dtype=dtype)
+    snap = snapshot(target, step=step, dtype=dtype, weights=weights)
     write_export(snap, out)
     return snap
+
+
+def card_for(config: dict[str, Any], run_dir: Path, repo_id: str | None = None) -> str:
+    """The model card of an export of ``run_dir``; its load example names ``repo_id`` if given."""
+    from ngkit.model_card import matching_summary, model_card
+
+    return model_card(config, matching_summary(config, run_dir), repo_id)

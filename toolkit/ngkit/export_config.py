@@ -17,6 +17,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": str, "format_version": int, "ngkit_version": str, "method": str, "components": dict,
     "sources": dict, "image": dict, "latent": dict, "sample": bool, "dtype": str, "not_exported": list,
     "total_steps": int, "step": int, "checkpoint": str, "trained": dict, "files": dict,
+    "weights": str,  # "ema" or "raw" (ngkit.engine.ema)
 }
 REQUIRED = ("format", "format_version", "method", "components", "sources", "image", "latent", "dtype",
             "not_exported", "total_steps", "step")

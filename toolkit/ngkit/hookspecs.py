@@ -41,6 +41,7 @@ __all__ = [
     "register_metrics",
     "register_posterior_proxies",
     "register_priors",
+    "register_losses",
     "register_quantizers",
     "register_step_size_policies",
     "on_train_start",
@@ -143,6 +144,17 @@ def register_priors(register: Register) -> None:
 
     :param register: call ``register(name, factory)``; the factory receives ``latent`` (the
         tokenizer's) and ``classes`` (labels in the code dataset; 0 when unlabelled).
+    """
+
+
+@hookspec
+def register_losses(register: Register) -> None:
+    """Register reconstruction losses (:class:`ngkit.losses.ReconstructionLoss`) for ``[[loss]]``
+    tables: a loss scores decoded images against the originals, per image, and every method's
+    decoder log-likelihood is lowered by ``weight`` times it in training (docs/training-like-vqgan.md).
+
+    :param register: call ``register(name, factory)``; the factory may take ``image``, ``latent``
+        and ``total_steps``.
     """
 
 

@@ -47,6 +47,7 @@ KINDS: dict[str, str] = {
     "quantizers": "register_quantizers",
     "metrics": "register_metrics",
     "priors": "register_priors",
+    "losses": "register_losses",
 }
 
 # kind -> the singular noun used in messages
@@ -61,6 +62,7 @@ NOUNS: dict[str, str] = {
     "quantizers": "quantizer",
     "metrics": "metric",
     "priors": "prior",
+    "losses": "loss",
 }
 
 

@@ -117,6 +117,12 @@ class RunSection(Section):
     out_dir: str = Field("runs/{recipe}", description="run directory; {recipe} is the file stem")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     grid_images: int = Field(8, ge=1, description="test images in the reconstruction grid")
+    ema: float = Field(
+        0.0, ge=0, lt=1, description="decay of the encoder/decoder weight average evaluated and exported; 0: off"
+    )
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description='experiment trackers fed by the trackers plugin: "tensorboard", "wandb"'
+    )
 
     @field_validator("out_dir")
     @classmethod
@@ -173,6 +179,13 @@ class CompareSection(Section):
         return value
 
 
+class LossTable(Component):
+    """``[[loss]]``: a registered reconstruction loss, its weight and the step it starts at."""
+
+    weight: float = Field(1.0, ge=0, description="nats of log-likelihood per unit of the loss, per image")
+    start: int = Field(0, ge=0, description="first training step the loss applies at")
+
+
 class Recipe(Section):
     data: DataSection
     model: ModelSection
@@ -183,6 +196,7 @@ class Recipe(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     compare: CompareSection = Field(default_factory=CompareSection)
+    loss: list[LossTable] = Field(default_factory=list, description="[[loss]] tables (ngkit/losses.py)")
 
 
 def _schema_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
@@ -377,7 +391,7 @@ def reference_markdown() -> str:
     component's options, generated from the schema and the factories' signatures."""
     from ngkit.binding import factory_params
     from ngkit.components import CONTEXT_ARGS
-    from ngkit.plugins import KINDS, NOUNS, get_registry
+    from ngkit.plugins import KINDS, get_registry
 
     lines = [
         "# Recipe reference",
@@ -392,7 +406,7 @@ def reference_markdown() -> str:
     sections = {
         "data": DataSection, "model": ModelSection, "method": Component, "optim": OptimSection,
         "schedule": ScheduleSection, "run": RunSection, "distributed": DistributedSection,
-        "eval": EvalSection, "compare": CompareSection,
+        "eval": EvalSection, "compare": CompareSection, "[loss]": LossTable,  # an array of tables: [[loss]]
     }
     for name, model in sections.items():
         lines += ["", f"### [{name}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
@@ -405,7 +419,7 @@ def reference_markdown() -> str:
               + ", ".join(f"`{k}` ({v})" for k, v in CONTEXT_ARGS.items()) + "."]
     registry = get_registry()
     for kind in KINDS:
-        lines += ["", f"### {NOUNS[kind]}s ({kind})"]
+        lines += ["", f"### {kind.replace('_', ' ')} ({kind})"]
         for name in registry.names(kind):
             reg = registry.entries[kind][name]
             params, _ = factory_params(reg.factory)

@@ -1,4 +1,4 @@
-"""Finding, checking and loading pretrained weights files (the FID Inception network).
+"""Finding, checking and loading pretrained weights files (the FID Inception network, LPIPS's VGG-16).
 
 ngkit never downloads weights behind the user's back: an FID computed with any other file is not
 comparable to published numbers, and many training machines have no internet. A weights file
@@ -51,6 +51,14 @@ KNOWN_WEIGHTS: dict[str, WeightsFile] = {
         url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
         description="FID Inception-v3 weights",
     ),
+    # torchvision's ImageNet VGG-16 (the LPIPS trunk, plugins/lpips_loss.py); torch.hub names the
+    # file after the first 8 hex digits of its SHA-256, the only part published.
+    "vgg16": WeightsFile(
+        filename="vgg16-397923af.pth",
+        sha256="397923af",
+        url="https://download.pytorch.org/models/vgg16-397923af.pth",
+        description="VGG-16 ImageNet weights (LPIPS trunk)",
+    ),
 }
 
 
@@ -79,7 +87,7 @@ def how_to_provide(name: str) -> str:
     return (
         f"Provide {spec.filename} (SHA-256 {spec.sha256}) in one of three ways:\n"
         f"  1. pass its path: --{name}-weights /path/to/{spec.filename}\n"
-        f"     (in a recipe: the metric's `weights` option)\n"
+        f"     (in a recipe: the metric's `weights` or the loss's `{name}_weights` option)\n"
         f"  2. set the environment variable {env_var(name)}=/path/to/{spec.filename}\n"
         f"  3. put it in ngkit's weights cache: {cache_dir() / spec.filename}\n"
         f"     ('ngkit weights add FILE' checks the hash and copies it there; NGKIT_CACHE moves the cache)\n"
@@ -167,8 +175,9 @@ def _counted(keys: Iterable[str]) -> set[str]:
     return {k for k in keys if not k.endswith("num_batches_tracked")}
 
 
-def load_weights(name: str, path: Path, model: nn.Module) -> str:
-    """Check the hash, then load the state dict into ``model`` with every name and shape checked.
+def load_weights(name: str, path: Path, model: nn.Module, ignore: tuple[str, ...] = ()) -> str:
+    """Check the hash, then load the state dict into ``model`` with every name and shape checked;
+    entries whose names start with one of ``ignore`` are dropped (e.g. a classifier ``model`` lacks).
 
     BatchNorm's ``num_batches_tracked`` counters are optional (files saved before PyTorch 0.4.1
     lack them; they do not affect eval-mode outputs). Returns the file's SHA-256.
@@ -180,6 +189,7 @@ def load_weights(name: str, path: Path, model: nn.Module) -> str:
         raise WeightsError(f"{path}: cannot be read as a PyTorch state dict: {exc}") from exc
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
 
     expected = model.state_dict()
     missing = sorted(_counted(expected) - _counted(state))

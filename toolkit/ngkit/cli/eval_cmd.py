@@ -50,6 +50,7 @@ def eval_run(
     batch_size: int | None,
     mode: str | None = None,
     codes: str = "argmax",
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the record also written to ``eval-<time>.json``."""
     from ngkit.engine.build import build_metrics
@@ -63,6 +64,7 @@ def eval_run(
     set_accelerator_env(device)
     dist = init_distributed(device)
     loaded = load_run(target, overrides)
+    weights = _use_weights(loaded, weights)
     recipe = loaded.recipe
     n = num_images or recipe.eval.num_images
     options = {**recipe.eval.options, **_metric_options(metrics, reference_stats, inception_weights, mode)}
@@ -85,6 +87,7 @@ def eval_run(
         "split": split,
         "num_images": n,
         "codes": codes,
+        "weights": weights,
         "seed": recipe.run.seed,
         "beta": beta,
         "values": result.values,
@@ -98,6 +101,26 @@ def eval_run(
         out.write_text(json.dumps(record, indent=2, default=str) + "\n")
         record["written_to"] = str(out)
     return record
+
+
+def _use_weights(loaded: Any, weights: str | None) -> str:
+    """Put the checkpoint's ``[run] ema`` average into the loaded method when ``weights`` (default:
+    where the run kept one) is "ema", as training evaluated it; returns which weights are in."""
+    import torch
+
+    from ngkit.engine.ema import STATE_KEY
+    from ngkit.engine.load import read_model_state
+    from ngkit.export import choose_weights
+
+    module, client = read_model_state(loaded.run_dir, loaded.tag)
+    _, chosen = choose_weights(module, client, weights, loaded.run_dir / "checkpoints" / loaded.tag)
+    if chosen == "ema":
+        method = loaded.engine.module
+        params = dict(method.named_parameters())
+        with torch.no_grad():
+            for name, value in client[STATE_KEY]["shadow"].items():
+                params[name].copy_(value)
+    return chosen
 
 
 class _TrainAsTest:
@@ -161,6 +184,7 @@ def eval_command(
     mode: Optional[str] = typer.Option(None, "--mode", help="FID mode: rfid, reference or generation (a prior run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the record as JSON."),
     codes: str = typer.Option("argmax", "--codes", help="argmax (deterministic encode) or sample (one z ~ q(z|x) per image, seeded)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="ema (the [run] ema average; the default when the run kept one) or raw."),
 ) -> None:
     """Evaluate a trained run on held-out images (or compute FID reference statistics)."""
     if split not in ("test", "train"):
@@ -191,7 +215,7 @@ def eval_command(
         raise NgkitError(f"--mode generation evaluates the samples of a prior run; {target} is a tokenizer run")
     record = eval_run(
         Path(target), metric, num_images=num_images, data=data, split=split, reference_stats=reference_stats,
-        inception_weights=inception_weights, batch_size=batch_size, mode=mode, codes=codes,
+        inception_weights=inception_weights, batch_size=batch_size, mode=mode, codes=codes, weights=weights,
     )
     if as_json:
         print(json.dumps(record, indent=2, default=str))

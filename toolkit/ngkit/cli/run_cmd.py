@@ -41,6 +41,9 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: dotted.key=value (repeatable)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    tracker: list[str] = typer.Option(
+        [], "--tracker", help="Log to an experiment tracker too: tensorboard or wandb (repeatable; sets [run] trackers)."
+    ),
 ) -> None:
     """Train a tokenizer from a recipe and write checkpoints, metrics and pictures."""
     if resume is not None and (recipe is not None or (out is not None and out.resolve() != resume.resolve())):
@@ -56,6 +59,8 @@ def run(
         source, out = saved, resume
     else:
         source = recipe or packaged_recipe(DEFAULT_RECIPE)
+    if tracker:
+        set_ = [*set_, "run.trackers=[" + ", ".join(f'"{name}"' for name in tracker) + "]"]
     raw = apply_overrides(read_toml(source), set_, str(source))
     parsed = parse_recipe(raw, str(source))
     import torch

@@ -87,7 +87,7 @@ def read_model_state(run_dir: Path, tag: str) -> tuple[dict[str, Tensor], dict[s
         )
     saved = safe_load.safe_torch_load(states, "cpu", mmap=True)
     try:
-        client = {key: saved[key] for key in ("step", "ngkit_version") if key in saved}
+        client = {key: saved[key] for key in ("step", "ngkit_version", "ema") if key in saved}  # ema: engine/ema.py
         if zero_stage(saved) < 3:
             return dict(saved["module"]), client
     except (KeyError, TypeError, AttributeError, ValueError) as exc:

@@ -30,6 +30,7 @@ from ngkit.engine.buffers import broadcast_buffers
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import DistInfo, all_ranks_agree, init_distributed, pick_device, set_accelerator_env
+from ngkit.engine.ema import STATE_KEY as EMA_KEY, Ema, make_ema, weights_for_eval
 from ngkit.engine.evaluate import EvalResult, evaluate
 from ngkit.engine.lock import holds_run_dir
 from ngkit.engine.progress import TrainProgress
@@ -38,6 +39,7 @@ from ngkit.engine.seeding import rng_state, seed_everything, set_rng_state
 from ngkit.engine.signals import StopSignals
 from ngkit.engine.step import StepPlan, host_floats, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
+from ngkit.losses import STATE_KEY as LOSSES_KEY, WeightedLoss, attach_losses, build_losses, load_losses_state, losses_state
 from ngkit.plugins import get_plugin_manager, get_registry
 from ngkit.recipe import Recipe, recipe_to_dict
 
@@ -65,6 +67,8 @@ class Trainer:
     resolved: dict[str, Any]  # the recipe as written to recipe.toml
     trained: str | None  # what the recipe trains (the method's or prior's name)
     facts: dict[str, Any]  # sizes and setup, shown at the start and kept in summary.json
+    ema: Ema | None = None  # [run] ema: the weight average (ngkit.engine.ema)
+    losses: list[WeightedLoss] = field(default_factory=list)  # [[loss]] tables (ngkit.losses)
     run: RunInfo | None = None
     batches: TrainBatches | None = None
     writer: JsonlWriter | None = None  # rank 0 only
@@ -154,11 +158,16 @@ def setup(recipe: Recipe, out_dir: Path, resume: bool, builder: Callable[[Recipe
     built = builder(recipe)
     check_dataset(built.dataset, recipe.run.seed, dist.rank, dist.world_size)
     checkpoint.check_shared_dir(out_dir, dist.rank)
-    engine = make_engine(built.method.to(device=dist.device), recipe)
+    method = built.method.to(device=dist.device)
+    context = {"image": built.image, "latent": built.latent, "total_steps": recipe.run.steps}
+    losses = build_losses([t.model_dump() for t in getattr(recipe, "loss", [])], context)  # a prior recipe has none
+    attach_losses(method, losses, dist.device)  # [[loss]]: terms of the decoder log-likelihood
+    engine = make_engine(method, recipe)
+    ema = make_ema(engine.module, recipe.run.ema, recipe.distributed.zero_stage)  # [run] ema
     resolved = recipe_to_dict(recipe)
     trained = (resolved.get("method") or resolved.get("prior") or {}).get("name")
     return Trainer(recipe, out_dir, dist, built, engine, engine.module, resume_tag, resolved, trained,
-                   _facts(recipe, built, engine.module, dist))
+                   _facts(recipe, built, engine.module, dist), ema, losses)
 
 
 def _facts(recipe: Recipe, built: Built, method: Method, dist: DistInfo) -> dict[str, Any]:
@@ -191,6 +200,9 @@ def resume_point(t: Trainer) -> Start:
         return Start()
     client, own = checkpoint.load(t.engine, t.ckpt_dir, t.resume_tag, t.dist.rank)
     start = Start(int(client["step"]))
+    if t.ema is not None and EMA_KEY in client:  # [run] ema: resumed bit for bit
+        t.ema.load_state_dict(client[EMA_KEY], str(t.ckpt_dir / t.resume_tag))
+    load_losses_state(t.losses, client.get(LOSSES_KEY, {}))  # [[loss]]: e.g. the discriminator
     saved_world = int(client.get("world_size", t.dist.world_size))
     if own is not None and saved_world == t.dist.world_size:
         start.position, start.unreadable = Position(**own["data"]), set(own.get("unreadable", ()))
@@ -251,6 +263,8 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
         last = step == run_cfg.steps or out_of_time
         if taken.stop and state.stop_signal is None:
             state.stop_signal = signals.name or "a signal to another rank"
+        if taken.applied and t.ema is not None:  # [run] ema: only applied steps move the average
+            t.ema.update(t.method)
         _count(t, state, taken.applied, taken.logs)
         if step % run_cfg.log_every == 0 or last:
             _log_window(t, state)
@@ -321,11 +335,12 @@ def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
 def run_eval(t: Trainer, step: int, names: list[str], num_images: int) -> EvalResult:
     """Fresh metrics over the first ``num_images`` test images, sharded over the ranks."""
     metrics = build_metrics(names, t.recipe.eval.options)
-    return evaluate(
-        t.method, t.built.dataset, metrics, num_images=num_images, batch_size=t.recipe.eval.batch_size,
-        beta=t.built.beta(step), device=t.dist.device, rank=t.dist.rank, world_size=t.dist.world_size,
-        keep=t.recipe.run.grid_images, dtype=t.dtype, seed=t.recipe.run.seed,
-    )
+    with weights_for_eval(t.ema, t.method):  # [run] ema: evaluated with the averaged weights
+        return evaluate(
+            t.method, t.built.dataset, metrics, num_images=num_images, batch_size=t.recipe.eval.batch_size,
+            beta=t.built.beta(step), device=t.dist.device, rank=t.dist.rank, world_size=t.dist.world_size,
+            keep=t.recipe.run.grid_images, dtype=t.dtype, seed=t.recipe.run.seed,
+        )
 
 
 def save(t: Trainer, step: int) -> Path:
@@ -336,6 +351,9 @@ def save(t: Trainer, step: int) -> Path:
     torch.distributed.all_reduce(epochs, op=torch.distributed.ReduceOp.MAX)
     state = {"step": step, "ngkit_version": __version__, "recipe": t.resolved,
              "world_size": dist.world_size, "max_epoch": int(epochs.item())}
+    if t.ema is not None:  # [run] ema: checkpointed in the client state
+        state[EMA_KEY] = t.ema.state_dict()
+    state[LOSSES_KEY] = losses_state(t.losses)  # [[loss]]: their own training state
     own = {"data": t.batches.state(), "rng": rng_state(), "unreadable": sorted(t.batches.unreadable),
            "method": rank_state.collect(t.method)}
     path = checkpoint.save(t.engine, t.ckpt_dir, step, state, own, dist.rank, dist.world_size,
