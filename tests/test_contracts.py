@@ -79,6 +79,10 @@ class Stale:
     def compute(self): return {}
     def protocol(self): return {}
 """, "must accept update(batch); found update(images, reconstructions)"),
+    "losses": ("""
+class Stale:
+    def __call__(self, reconstructions): return reconstructions
+""", "must accept __call__(images, reconstructions)"),
     "priors": ("""
 class Stale(nn.Module):
     latent, classes = None, 0
@@ -119,7 +123,7 @@ def test_a_stale_component_of_each_kind_is_refused_with_one_clear_message(kind, 
     assert STALE[kind][1] in problem
     assert "set NGKIT_PLUGIN_API = 2 in stale_mod" in problem
     assert f"See docs/writing-a-plugin.md{CONTRACTS[kind].section} (stale_mod:Stale)" in problem
-    assert f"\n## {CONTRACTS[kind].section[1:].split('-', 1)[0]}." in GUIDE.read_text()  # the section exists
+    assert f"\n## {CONTRACTS[kind].section[1:].split('-', 1)[0]}. " in GUIDE.read_text()  # the section exists
 
 
 def write(tmp_path: Path, name: str, raw: dict) -> Path:

@@ -101,6 +101,7 @@ CONTRACTS: dict[str, Contract] = {
     ),
     "metrics": Contract((Call("update", ("batch",)), Call("compute"), Call("protocol")), flags=("expensive",),
                         section="#8-metrics"),
+    "losses": Contract((Call("__call__", ("images", "reconstructions")),), section="#9b-reconstruction-losses"),
     "priors": Contract(
         (Call("loss", ("codes", "labels")), Call("sample", ("labels",)),
          Call("sample", ("labels",), ("guidance", "generator"))),
