@@ -14,14 +14,12 @@ while the decoder's rewards grow.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
-
-import torch
-from torch import Tensor
+from typing import Literal
 
 from ngkit import hookimpl
 from ngkit.components import Register
-from ngkit.distributed import mean_over_ranks
+
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 Relative = Literal["none", "advantage_spread"]
 RELATIVE = ("none", "advantage_spread")
@@ -30,17 +28,6 @@ RELATIVE = ("none", "advantage_spread")
 def _check_relative(name: str, relative: str) -> None:
     if relative not in RELATIVE:
         raise ValueError(f'beta schedule "{name}": relative must be one of {", ".join(RELATIVE)}, got {relative!r}')
-
-
-def reward_scale(schedule: Any, logp: Tensor) -> float:
-    """What the schedule's β is multiplied by for rewards ``logp [K, B]``: 1 for ``relative =
-    "none"`` (or a schedule without the option); for ``"advantage_spread"`` the mean over images
-    of std_k log p(x|z), averaged over ranks so every rank uses the same β (floored at 1e-6 nats
-    so identical samples do not zero β)."""
-    if getattr(schedule, "relative", "none") == "none":
-        return 1.0
-    spread = logp.detach().double().std(dim=0).mean().reshape(1)
-    return max(float(mean_over_ranks(spread)[0]), 1e-6)
 
 
 class Constant:

@@ -20,6 +20,8 @@ from ngkit.components import EvalBatch, LatentSpec, Register
 from ngkit.distributed import sum_over_ranks
 from ngkit.errors import NgkitError
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 
 class CodeUsageMetric:
     """Code usage over all tokens of all evaluated images.

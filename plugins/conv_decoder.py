@@ -10,8 +10,8 @@ keeps its size, stride 1). Where image side / grid side is not a power of two (2
 4 x 2 grid of 7 x 14 patches), the embedded grid is first resized (bilinear) to the image
 divided by its largest power of two, e.g. 7 x 7, then doubled to 28 x 28.
 
-Also home of :func:`pixel_stats` and :class:`CodeEmbedding`, which the other built-in encoder and
-decoder reuse.
+Also home of :class:`CodeEmbedding` and :class:`CodeTableDecoder`, which the built-in ``"mlp"``
+decoder reuses (same-package internals of ``ngkit_plugins``, not ngkit's plugin API).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import Decoder, ImageSpec, LatentSpec, Register
+from ngkit.components import Decoder, ImageSpec, LatentSpec, Register, pixel_stats
+
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 LOG_2PI = math.log(2 * math.pi)
 MIN_VAR, MAX_VAR = 0.01, 1.0  # variance clip in standardised units (DAPS paper, decoder)
@@ -169,20 +171,6 @@ class CodeEmbedding(nn.Module):
         rows = self.weight[src]
         jitter = torch.randn(rows.shape, generator=generator).to(rows) * rows.pow(2).mean(-1, keepdim=True).sqrt()
         self.weight[dst] = rows + noise * jitter
-
-
-def pixel_stats(image: ImageSpec) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std as ``[C, 1, 1]`` tensors; a single value applies to all channels."""
-    stats = []
-    for name, values in (("mean", image.mean), ("std", image.std)):
-        if len(values) not in (1, image.channels):
-            raise ValueError(
-                f"image {name} has {len(values)} values for {image.channels} channels; give one per "
-                "channel or a single value"
-            )
-        full = list(values) * (image.channels if len(values) == 1 else 1)
-        stats.append(torch.tensor(full, dtype=torch.float32).view(-1, 1, 1))
-    return stats[0], stats[1]
 
 
 class _ResBlock(nn.Module):

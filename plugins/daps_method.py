@@ -29,13 +29,15 @@ from ngkit.components import (
     host_logs,
 )
 from ngkit.errors import TrainingError
+from ngkit.methods.beta import reward_scale
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
 from ngkit.methods.trust_region import EncoderTrustRegion, project_step, token_kl
-from ngkit_plugins.beta_schedules import reward_scale
 from ngkit_plugins.daps_proxy import patch_rewards
 
 TrustRegionMode = Literal["penalty", "project"]
 Credit = Literal["sequence", "token"]
+
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 class Daps(CategoricalVAE):
@@ -259,6 +261,17 @@ class Daps(CategoricalVAE):
             logs.update(self.trust.update(kl))
             self._anchor = (x, z, old_logits)
         return logs
+
+    def get_rank_state(self) -> dict[str, list[Tensor]]:
+        """This rank's trust-region anchor (its previous batch, codes and logits), saved in its
+        checkpoint file so that the first step after ``--resume`` has the penalty the
+        uninterrupted run's has (:mod:`ngkit.engine.rank_state`)."""
+        return {"anchor": list(self._anchor) if self._anchor is not None else []}
+
+    def set_rank_state(self, state: dict[str, list[Tensor]]) -> None:
+        device = next(self.parameters()).device
+        anchor = [t.to(device) for t in state["anchor"]]
+        self._anchor = (anchor[0], anchor[1], anchor[2]) if anchor else None
 
 
 class DapsNA(Daps):

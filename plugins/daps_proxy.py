@@ -28,6 +28,8 @@ from torch import Tensor
 from ngkit import hookimpl
 from ngkit.components import ProxyWeights, Register
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 Baseline = Literal["logsumexp", "mean"]
 
 

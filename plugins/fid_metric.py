@@ -34,6 +34,8 @@ from ngkit.errors import DataError, NgkitError, WeightsError
 from ngkit.weights import find_weights, load_weights, sha256_of
 from ngkit.metrics.inception import FEATURE_DIM, INPUT_SIZE, FIDInceptionV3
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 RESIZE = f"bilinear to {INPUT_SIZE}x{INPUT_SIZE} (align_corners=False, no antialiasing), [0,1]→[-1,1]"
 NETWORK = "Inception-v3 (TF inception-2015-12-05, pytorch-fid port), 2048-d pool features"
 
@@ -199,6 +201,8 @@ class FidMetric:
         :func:`ngkit.weights.find_weights`.
     :param feature_batch: images per Inception forward pass (memory at 299x299).
     """
+
+    expensive = True  # an Inception pass per image: at the end of training and in `ngkit eval` only
 
     def __init__(
         self,

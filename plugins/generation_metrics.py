@@ -14,6 +14,8 @@ from ngkit.components import EvalBatch, Register
 from ngkit.errors import NgkitError
 from ngkit.priors.scores import distinct_fraction
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 
 def _gather_rows(rows: Tensor) -> Tensor:
     """Every rank's rows (ranks may hold different numbers of them)."""

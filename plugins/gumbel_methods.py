@@ -14,6 +14,8 @@ from ngkit import hookimpl
 from ngkit.components import BetaSchedule, Decoder, Encoder, Register, StepOutput, host_logs
 from ngkit.methods.categorical_vae import CategoricalVAE
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 
 
 def kl_to_uniform(logits: Tensor) -> Tensor:

@@ -17,6 +17,8 @@ from ngkit.components import BetaSchedule, Decoder, Encoder, ImageSpec, Register
 from ngkit.distributed import mean_over_ranks
 from ngkit.methods.categorical_vae import CategoricalVAE
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 KL_BAND = 1.5  # PPO-penalty: adapt when KL leaves [target/1.5, target*1.5] (Schulman et al. 2017, §4)
 KL_GAIN = 2.0  # ... by halving or doubling the coefficient (same source)
 KL_COEF_RANGE = (1e-3, 1e3)  # clip of the coefficient (reference code's configs)
@@ -202,6 +204,16 @@ class PPO(CategoricalVAE):
             "kl_coef": self.kl_coef,
         }
         return StepOutput(loss, {**host_logs(stats), "beta": beta})
+
+    def get_rank_state(self) -> dict[str, list[list[Tensor]]]:
+        """This rank's stored rollouts (the next policy updates use them), saved in its checkpoint
+        file so that ``--resume`` is exact (:mod:`ngkit.engine.rank_state`)."""
+        return {"stored": [[r.x, r.z, r.old_logits, r.advantages] for r in self._stored]}
+
+    def set_rank_state(self, state: dict[str, list[list[Tensor]]]) -> None:
+        device = next(self.parameters()).device
+        self._stored.clear()
+        self._stored.extend(Rollout(*(t.to(device) for t in rollout)) for rollout in state["stored"])
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, float]:

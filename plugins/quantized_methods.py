@@ -9,14 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import Decoder, Encoder, LatentSpec, Method, Ref, Register, StepOutput, host_logs
-from ngkit_plugins.quantizers import Quantizer
+from ngkit.components import Decoder, Encoder, LatentSpec, Method, Quantizer, Ref, Register, StepOutput, host_logs
+
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 
 class QuantizedAutoencoder(Method):
     """encoder.features -> linear to ``quantizer.dim`` -> quantizer (any object with the
-    interface of ``ngkit_plugins.quantizers``) -> linear to the decoder's embedding size ->
+    interface of :class:`ngkit.components.Quantizer`) -> linear to the decoder's embedding size ->
     decoder. Loss: -mean log p(x|z_q) + the quantizer's auxiliary loss (nats per image). The
     decoder's own code embedding is not used: codes here are continuous vectors."""
 

@@ -19,6 +19,8 @@ from ngkit.components import Register
 from ngkit.distributed import mean_over_ranks
 from ngkit_plugins.daps_proxy import proxy_weights, sample_kl, weight_logits
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 # Range of η (nats of reward per nat of KL). At 1e-3 a reward gap of 0.05 nats already gives
 # weight ratios of e^-50 (one-hot); at 1e6 weights stay within 1 % of uniform for spreads < 1e4 nats.
 ETA_MIN = 1e-3

@@ -27,6 +27,8 @@ import tomli_w
 from ngkit import hookimpl
 from ngkit.errors import NgkitError
 
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+
 
 class Tracker(Protocol):
     def scalars(self, values: dict[str, float], step: int) -> None: ...

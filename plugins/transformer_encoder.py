@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngkit import hookimpl
-from ngkit.components import Encoder, ImageSpec, LatentSpec, Register, TokenLogProb
+from ngkit.components import Encoder, ImageSpec, LatentSpec, Register, TokenLogProb, pixel_stats
 from ngkit.nn import attention, attention_backend
-from ngkit_plugins.conv_decoder import pixel_stats
+
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 EMBED_INIT_STD = 0.02  # token/position embeddings, as in GPT-2 and ViT
 

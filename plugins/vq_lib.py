@@ -1,5 +1,5 @@
 """The quantizers of ``vector-quantize-pytorch`` (lucidrains) behind ngkit's quantizer interface
-(``ngkit_plugins.quantizers``), so the ``vqvae`` method trains any of them by name.
+(:class:`ngkit.components.Quantizer`), so the ``vqvae`` method trains any of them by name.
 
 The library is an optional extra (``pip install "ngkit[quantizers]"``); it is imported only when
 one of these quantizers is built, so ngkit without it still lists them and says what to install.
@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from ngkit import hookimpl
 from ngkit.components import ImageSpec, LatentSpec, Register
 from ngkit.errors import PluginError
-from ngkit_plugins.quantizers import Quantized, Quantizer
+from ngkit.components import Quantized, Quantizer
+
+NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 LIBRARY = "vector-quantize-pytorch"
 INSTALL = 'pip install "ngkit[quantizers]"'

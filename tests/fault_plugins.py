@@ -14,7 +14,7 @@ from ngkit import hookimpl
 from ngkit.components import BetaSchedule, Decoder, Encoder, LatentSpec, PosteriorProxy, Ref, StepSizePolicy
 from ngkit_plugins.daps_method import Daps
 from ngkit_plugins.quantized_methods import FSQAutoencoder
-from ngkit_plugins.quantizers import Quantizer
+from ngkit.components import Quantizer
 
 
 class _PoisonGrad(torch.autograd.Function):

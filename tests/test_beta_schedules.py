@@ -10,7 +10,8 @@ import torch
 from toy_models import toy_pair
 
 from ngkit.plugins import get_registry
-from ngkit_plugins.beta_schedules import Constant, Cosine, Exponential, Linear, reward_scale
+from ngkit.methods import reward_scale
+from ngkit_plugins.beta_schedules import Constant, Cosine, Exponential, Linear
 from ngkit_plugins.daps_method import DapsNA
 from ngkit_plugins.daps_proxy import DapsProxy, proxy_weights
 from ngkit_plugins.step_size_policies import FixedEta

@@ -62,7 +62,7 @@ CASES = [pytest.param(*c, id=c[0]) for c in REFUSED] + [pytest.param(*c, id=c[0]
 @pytest.mark.parametrize("label, sets, fragments", CASES)
 def test_validate_refuses_what_run_cannot_build(capsys, recipe, label, sets, fragments):
     code, err = validate(capsys, recipe, *sets)
-    assert code == 1, err
+    assert code == 2, err
     assert "invalid:" in err and "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in:\n{err}"
@@ -70,7 +70,7 @@ def test_validate_refuses_what_run_cannot_build(capsys, recipe, label, sets, fra
 
 def test_validate_reports_every_component_problem_at_once(capsys, recipe):
     code, err = validate(capsys, recipe, "model.encoder.width=0", "model.decoder.res_blocks=-1", "schedule.beta.start=-1")
-    assert code == 1
+    assert code == 2
     assert "3 problems" in err and "[model.encoder]" in err and "[model.decoder]" in err and "[schedule.beta]" in err
 
 
@@ -100,7 +100,7 @@ def test_run_gives_the_same_message_and_writes_nothing(capsys, recipe, tmp_path,
 def test_decoder_output_shape_is_checked_at_build(capsys, recipe, tmp_path):
     with temporary_plugin(broken_plugins, "broken_plugins"):
         code, err = validate(capsys, recipe, 'model.decoder.name="flat-decoder"')
-        assert code == 1
+        assert code == 2
         assert '[model.decoder] decoder "flat-decoder" (plugin broken_plugins ((in-process) -))' in err
         assert "mean(forward(h)) has shape [2, 1, 1, 1], expected [2, 1, 8, 8]" in err
         out = tmp_path / "run"
@@ -112,7 +112,7 @@ def test_decoder_output_shape_is_checked_at_build(capsys, recipe, tmp_path):
 def test_encoder_logits_shape_is_checked_at_build(capsys, recipe):
     with temporary_plugin(broken_plugins, "broken_plugins"):
         code, err = validate(capsys, recipe, 'model.encoder.name="short-logits-encoder"')
-    assert code == 1
+    assert code == 2
     assert '[model.encoder] encoder "short-logits-encoder"' in err
     assert "log_prob(x, z).logits has shape [2, 16, 15], expected [2, 16, 16]" in err
 
@@ -122,7 +122,7 @@ def test_a_plugin_that_cannot_build_on_meta_is_judged_on_the_cpu(capsys, recipe)
         code, err = validate(capsys, recipe, 'model.decoder={name="value-reading-decoder"}')
         assert code == 0, err
         code, err = validate(capsys, recipe, 'model.decoder={name="value-reading-decoder", width=0}')
-    assert code == 1 and "width must be at least 1" in err
+    assert code == 2 and "width must be at least 1" in err
 
 
 def test_exception_in_plugin_forward_names_plugin_package_and_key(capsys, recipe, tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ngkit.components import ImageSpec, LatentSpec
+from ngkit.components import ImageSpec, LatentSpec, pixel_stats
 from ngkit.plugins import get_registry
-from ngkit_plugins.conv_decoder import ConvDecoder, pixel_stats
+from ngkit_plugins.conv_decoder import ConvDecoder
 from ngkit_plugins.mlp_decoder import MlpDecoder
 
 IMAGE = ImageSpec(channels=2, height=8, width=8, mean=(0.5, 0.3), std=(0.25, 0.5))

@@ -92,7 +92,7 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 def assert_clean(code: int, err: str) -> None:
-    assert code in (0, 1), f"exit {code}:\n{err}"
+    assert code in (0, 2), f"exit {code}:\n{err}"
     assert "Traceback" not in err, err
 
 

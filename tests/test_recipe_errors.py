@@ -72,6 +72,8 @@ UNREADABLE = [
     ("a directory", lambda p: p.mkdir(), "is a directory"),
     ("nested too deeply", lambda p: p.write_text("a = " + "[" * 2000 + "]" * 2000), "nested more than"),
     ("deep tables", lambda p: p.write_text("[" + ".".join(["t"] * 40) + "]\nx = 1\n"), "nested more than"),
+    ("dotted key 1,200 deep", lambda p: p.write_text("a" + ".b" * 1200 + " = 1\n"), "nested more than"),
+    ("table header 700 deep", lambda p: p.write_text("[" + ".".join(["t"] * 700) + "]\nx = 1\n"), "nested more than"),
 ]
 
 
@@ -79,7 +81,7 @@ UNREADABLE = [
 def test_unreadable_recipe_file_is_one_message(tmp_path, capsys, label, make, expected):
     path = tmp_path / "r.toml"
     make(path)
-    assert main(["recipes", "validate", str(path)]) == 1
+    assert main(["recipes", "validate", str(path)]) == 2
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count(expected) == 2 and "Traceback" not in err
@@ -113,11 +115,15 @@ def test_cli_exit_code_2_and_no_traceback(tmp_path, capsys, label, text, expecte
     assert not (tmp_path / "run").exists(), "nothing may be written for a bad recipe"
 
 
-def test_recipes_validate_exits_1_on_first_bad(tmp_path, capsys):
+def test_recipes_validate_checks_and_reports_every_file(tmp_path, capsys):
     bad = write(tmp_path, QUICKSTART.replace("seed = 0", "sede = 0"))
-    assert main(["recipes", "validate", str(ROOT / "recipes" / "quickstart.toml"), str(bad)]) == 1
+    worse = tmp_path / "worse.toml"
+    worse.write_text(QUICKSTART.replace("steps = 600", "stepz = 600"))
+    good = ROOT / "recipes" / "quickstart.toml"
+    assert main(["recipes", "validate", str(bad), str(good), str(worse)]) == 2
     out = capsys.readouterr()
-    assert "ok" in out.out and "sede" in out.err
+    assert f"ok {good}" in " ".join(out.out.split())
+    assert "sede" in out.err and "stepz" in out.err and "2 of 3 recipes are invalid" in out.err
 
 
 def test_set_overrides_parse_toml_values():

@@ -54,15 +54,17 @@ CLIPPED = [("agc", "agc", 0.01, 3, 1), ("norm", "norm", 0.05, 2, 0)]
 
 
 def daps_hf(data_dir: Path, steps: int, stage: int = 2, workers: int = 2) -> dict:
-    """Stochastic DAPS-NA on a 3-shard parquet set; β's schedule length fixed so that a short
-    run followed by --resume follows the same schedule as one long run."""
+    """Stochastic DAPS-NA with its per-rank state on (trust-region anchor, dead-code counts) on a
+    3-shard parquet set; β's schedule length fixed so that a short run followed by --resume
+    follows the same schedule as one long run."""
     return tiny(
+        method={"name": "daps-na", "samples": 4, "trust_region": 0.05, "split_dead_codes": 2, "split_below": 0.9},
         data={"name": "hf", "path": "parquet", "data_dir": str(data_dir), "image_size": 8, "batch_size": 4,
               "workers": workers, "shuffle_buffer": 8},
         distributed={"zero_stage": stage},
         schedule={"beta": {"name": "exponential", "start": 0.5, "end": 0.01, "steps": 6}},
         run={"steps": steps, "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "checkpoint_minutes": 0},
-        eval={"metrics": ["mse"], "num_images": 4, "batch_size": 4},
+        eval={"metrics": ["mse", "psnr"], "num_images": 6, "batch_size": 2},
     )
 
 
@@ -197,6 +199,21 @@ def test_two_rank_stop_and_resume_equals_an_uninterrupted_run(two_ranks):
     assert max_diff(final_params(resumed), final_params(full)) == 0.0
     losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if r["kind"] == "train"] for d in (full, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_held_out_figures_agree_on_two_ranks_after_resume_and_from_ngkit_eval(two_ranks):
+    """The issue's case: 2 ranks, straight vs 3 + --resume to 6, and `ngkit eval` of the run on
+    one process. BatchNorm's running statistics are per rank (broadcast from rank 0 every step)
+    and the decoder sees each held-out image in the same batch on 1 rank and 2."""
+    from ngkit.cli.main import main
+
+    full, part = (json.loads((two_ranks / d / "summary.json").read_text())["metrics"] for d in ("hf-full", "hf-part"))
+    assert main(["eval", str(two_ranks / "hf-full"), "--metric", "mse", "--metric", "psnr", "--json"]) == 0
+    [record] = [json.loads(p.read_text()) for p in (two_ranks / "hf-full").glob("eval-*.json")]
+    assert record["num_images"] == 6 and record["step"] == 6
+    for key in ("mse", "psnr"):
+        assert part[key] == pytest.approx(full[key], rel=1e-9, abs=0)
+        assert record["values"][key] == pytest.approx(full[key], rel=1e-9, abs=0)
 
 
 @pytest.mark.parametrize("data", ["digits", "parquet"])

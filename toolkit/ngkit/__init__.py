@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+PLUGIN_API = 2
+"""The plugin API this ngkit speaks. A plugin package declares the one it was written for with
+``NGKIT_PLUGIN_API = 2`` in its entry-point module; the changelog is in docs/writing-a-plugin.md
+(and :data:`ngkit.contracts.CHANGES`)."""
+
 hookimpl = pluggy.HookimplMarker("ngkit")
 """Marker for plugin hook implementations."""
 
@@ -65,4 +70,4 @@ def versions() -> dict[str, str]:
     return {"ngkit": __version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
 
 
-__all__ = ["Tokenizer", "__version__", "hookimpl", "load", "quantizer", "versions"]
+__all__ = ["PLUGIN_API", "Tokenizer", "__version__", "hookimpl", "load", "quantizer", "versions"]

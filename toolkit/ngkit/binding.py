@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
+from ngkit import PLUGIN_API
 from ngkit.components import CONTEXT_ARGS, Ref
+from ngkit.contracts import CONTRACTS, DOCS, DatasetV1Adapter, api_note, contract_problems, looks_like_api1_dataset
 from ngkit.errors import NgkitError, RecipeError
 from ngkit.plugins import NOUNS, Registration, Registry, get_plugin_manager, get_registry
 from ngkit.recipe import dataset_options
@@ -204,8 +206,29 @@ def build_component(kind: str, table: dict[str, Any], context: dict[str, Any], w
         raise
     except Exception as exc:  # the plugin refused its options, or failed: a problem at this key
         raise RecipeError(where, [f"[{where}] {refusal(registration, exc)}"]) from exc
+    built = _meet_contract(kind, built, registration, where)
     _remember(built, where, registration)
     return built
+
+
+def _meet_contract(kind: str, built: Any, registration: Registration, where: str) -> Any:
+    """``built`` checked against its kind's contract (:mod:`ngkit.contracts`); an API-1 dataset
+    comes back behind its adapter. One problem names the component, plugin, package and version,
+    what the contract expects and what was found, and the docs section."""
+    info = get_plugin_manager().info.get(registration.plugin)
+    declared = info.api if info else None
+    if kind == "datasets" and declared == 1:
+        built = DatasetV1Adapter(built)
+    problems = contract_problems(kind, built)
+    if not problems:
+        return built
+    module = info.module if info and info.module else registration.location.split(":")[0]
+    api1 = kind == "datasets" and looks_like_api1_dataset(built)
+    raise RecipeError(where, [
+        f"[{where}] {component_label(registration)} does not meet the {NOUNS[kind]} contract of plugin API "
+        f"{PLUGIN_API}: it {'; it '.join(problems)}.{api_note(declared, module, api1)} See "
+        f"{DOCS}{CONTRACTS[kind].section} ({registration.location})"
+    ])
 
 
 def plugin_label(plugin: str) -> str:

@@ -244,6 +244,10 @@ class Method(nn.Module):
     ``after_step`` for updates that are not gradient steps (step size η, EMA codebooks)."""
 
     latent: LatentSpec
+    can_sample: bool = False
+    """Declared capability: codes can be drawn from q(z|x) with ``sample_codes(x)`` (export
+    writes ``sample: true``, ``Tokenizer.encode(sample=True)`` and ``ngkit eval --codes sample``
+    work)."""
 
     def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
         raise NotImplementedError
@@ -296,6 +300,46 @@ class StepSizePolicy(Protocol):
         ...
 
 
+Quantized = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]
+"""``(quantized [B, L, dim], codes [B, L], aux_loss, logs)``, what ``Quantizer.forward`` returns."""
+
+
+class Quantizer(nn.Module):
+    """Continuous token features -> discrete codes (``register_quantizers``; used by the VQ-VAE
+    and FSQ methods). ``forward(h [B, L, dim])`` returns ``quantized`` with a straight-through
+    gradient to ``h``, ``codes [B, L]`` (long), ``aux_loss`` (scalar, nats per image, added to
+    -log p(x|z)) and ``logs`` (detached scalar tensors). State such as EMA codebooks lives in
+    buffers, so that it is checkpointed."""
+
+    dim: int
+
+    def forward(self, h: Tensor) -> Quantized:  # type: ignore[override]
+        raise NotImplementedError
+
+    def codes_to_vectors(self, codes: Tensor) -> Tensor:
+        """What ``forward`` returns as ``quantized`` for those codes ``[B, L]`` -> ``[B, L, dim]``."""
+        raise NotImplementedError
+
+    def after_step(self) -> dict[str, float]:
+        """Updates that are not gradient steps (EMA codebook, dead-code restarts), once per taken step."""
+        return {}
+
+
+def pixel_stats(image: ImageSpec) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std as ``[C, 1, 1]`` tensors; a single value applies to all channels
+    (what an encoder or decoder standardises pixels with)."""
+    stats = []
+    for name, values in (("mean", image.mean), ("std", image.std)):
+        if len(values) not in (1, image.channels):
+            raise ValueError(
+                f"image {name} has {len(values)} values for {image.channels} channels; give one per "
+                "channel or a single value"
+            )
+        full = list(values) * (image.channels if len(values) == 1 else 1)
+        stats.append(torch.tensor(full, dtype=torch.float32).view(-1, 1, 1))
+    return stats[0], stats[1]
+
+
 class BetaSchedule(Protocol):
     def __call__(self, step: int) -> float:
         """β (weight of KL(q‖uniform prior)) at a training step."""
@@ -314,7 +358,13 @@ class EvalBatch:
 
 
 class Metric(Protocol):
-    """A streaming metric over held-out images; values gathered across ranks in ``compute``."""
+    """A streaming metric over held-out images; values gathered across ranks in ``compute``.
+
+    Declared capability: ``expensive = True`` (a class attribute; absent means False) for a
+    metric that is computed only at the end of training or on request (``ngkit eval``), never
+    at the periodic ``[run] eval_every`` evaluations (FID: an Inception pass per image)."""
+
+    expensive: bool
 
     def update(self, batch: EvalBatch) -> None: ...
 

@@ -29,7 +29,32 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ngkit.components import Example, ImageDataset
-from ngkit.errors import DataError
+from ngkit.errors import DataError, NgkitError, PluginError
+
+# What a worker's error record is raised as in the trainer (any other ngkit error: NgkitError).
+_ERRORS: dict[str, type[NgkitError]] = {"DataError": DataError, "PluginError": PluginError}
+
+
+def who_built(component: Any) -> str:
+    """``dataset "lfw" (plugin lfw (package ngkit-lfw 1.0)) at [data]``, or its class for a
+    component no recipe built."""
+    from ngkit.binding import built_at, component_label
+
+    found = built_at(component)
+    if found is None:
+        return f"{type(component).__module__}:{type(component).__qualname__}"
+    where, registration = found
+    return f"{component_label(registration)} at [{where}]"
+
+
+def raised_in(who: str, exc: BaseException, doing: str) -> str:
+    """One message for an exception a plugin's code raised: who, doing what, where in its code."""
+    tb, at = exc.__traceback__, ""
+    while tb is not None:
+        at = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return (f"{who} raised {type(exc).__name__}: {exc} {doing}" + (f"\n  raised at {at}" if at else "")
+            + "\n  (fix the plugin; ngkit --debug shows ngkit's side of the traceback)")
 
 
 @dataclass(frozen=True)
@@ -79,8 +104,19 @@ class _Batches(IterableDataset):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world, self.position = rank, world, position
         self.shape = tuple(dataset.spec.shape)
+        self.who = who_built(dataset)  # read here: a spawned worker does not know the recipe
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The batches, or once a record of the exception the dataset raised: a DataLoader worker
+        would re-raise it as a traceback in a string, without the plugin that raised it."""
+        try:
+            yield from self._batches()
+        except NgkitError as exc:
+            yield {"error": str(exc), "type": type(exc).__name__}
+        except Exception as exc:
+            yield {"error": raised_in(self.who, exc, "while reading training data"), "type": "PluginError"}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = shard_examples(self.dataset, self.seed, self.rank, self.world, self.position)
@@ -131,6 +167,8 @@ class TrainBatches:
     def __next__(self) -> Tensor:
         while True:
             batch = next(self._it)
+            if "error" in batch:
+                raise _ERRORS.get(batch["type"], NgkitError)(batch["error"])
             self.position = batch["end"]
             self.read += batch["read"]
             for name, reason in batch["bad"]:
@@ -169,3 +207,31 @@ def test_batches(
     checked = (_check(img, shape, f"held-out image {i * world + rank}") for i, img in enumerate(images))
     while batch := list(itertools.islice(checked, batch_size)):
         yield torch.stack(batch)
+
+
+# Held-out images are split into this many virtual shards (a multiple of it past 8 ranks), each
+# read and batched the same way whatever the number of ranks: rank r evaluates shards r, r + W,
+# ... So every image is computed in the same batch, at the same place, on 1 rank or 8, and a
+# metric's per-image values are bit-identical (only the float64 sums over ranks change order).
+EVAL_SHARDS = 8
+
+
+def eval_shards(world: int) -> int:
+    return EVAL_SHARDS * -(-world // EVAL_SHARDS)
+
+
+def eval_batches(
+    dataset: ImageDataset, batch_size: int, rank: int, world: int, limit: int | None
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(shard, batch index, images)`` of this rank's virtual shards of the first ``limit``
+    held-out images (see :data:`EVAL_SHARDS`)."""
+    shards = eval_shards(world)
+    shape = tuple(dataset.spec.shape)
+    for shard in range(rank, shards, world):
+        images = dataset.test(shard=shard, num_shards=shards, limit=limit)
+        checked = (_check(img, shape, f"held-out image {i * shards + shard}") for i, img in enumerate(images))
+        for index in itertools.count():
+            batch = list(itertools.islice(checked, batch_size))
+            if not batch:
+                break
+            yield shard, index, torch.stack(batch)

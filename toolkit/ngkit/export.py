@@ -97,11 +97,8 @@ def component_sources(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 
 
 def can_sample(method: Method) -> bool:
-    """Whether codes can be drawn from q(z|x): methods built on a categorical posterior (DAPS,
-    Gumbel, REINFORCE, PPO...), whose deterministic codes are the encoder's mode."""
-    from ngkit.methods.categorical_vae import CategoricalVAE
-
-    return isinstance(method, CategoricalVAE)
+    """Whether codes can be drawn from q(z|x): the method's declared ``can_sample``."""
+    return bool(getattr(method, "can_sample", False))
 
 
 class _TensorReads(TorchFunctionMode):
@@ -139,7 +136,7 @@ def inference_parts(method: Method, image: ImageSpec) -> set[str]:
         with reads:
             method.decode(method.encode(x))
             if can_sample(method):
-                method.encoder.sample(x, 1)  # type: ignore[operator]
+                method.sample_codes(x)  # type: ignore[attr-defined]
     method.train(was_training)
     return {key.split(".")[0] for key, tensor in tensors.items() if id(tensor) in reads.ids}
 

@@ -17,6 +17,7 @@ uses) raises one :class:`~ngkit.errors.PluginError` with every problem.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.metadata
 import os
@@ -28,7 +29,7 @@ from typing import Any
 
 import pluggy
 
-from ngkit import hookspecs
+from ngkit import PLUGIN_API, __version__, hookspecs
 from ngkit.errors import NgkitError, PluginError
 
 ENTRY_POINT_GROUP = "ngkit"
@@ -72,6 +73,7 @@ class PluginInfo:
     version: str
     builtin: bool
     module: str = ""  # the entry point's value, e.g. "ngkit_plugins.conv_decoder"
+    api: int | None = None  # the NGKIT_PLUGIN_API its module declares (None: undeclared)
 
     @property
     def label(self) -> str:
@@ -374,6 +376,14 @@ def _load_one(pm: PluginManager, ep: importlib.metadata.EntryPoint) -> PluginPro
             f"with NGKIT_PLUGINS set to the plugins you want (NGKIT_PLUGINS= loads only the "
             f"built-ins), or uninstall {info.package}"
         ))
+    api = getattr(module, "NGKIT_PLUGIN_API", None)
+    if api is not None and (type(api) is not int or not 1 <= api <= PLUGIN_API):
+        return PluginProblem(info.name, info.package, "broken", (
+            f"{info.label} declares NGKIT_PLUGIN_API = {api!r} in {ep.value}, but ngkit {__version__} "
+            f"speaks plugin API {PLUGIN_API} (and reads 1 to {PLUGIN_API}): upgrade ngkit, or install a "
+            f"version of {info.package} written for API {PLUGIN_API} (see docs/writing-a-plugin.md#plugin-api-versions)"
+        ))
+    info = dataclasses.replace(info, api=api)
     pm.add_plugin(module, info)
     try:
         pm.check_pending()
@@ -432,7 +442,8 @@ def get_registry() -> Registry:
 def temporary_plugin(module: object, name: str) -> Iterator[PluginManager]:
     """Register ``module`` as plugin ``name`` for the duration of a ``with`` block."""
     pm = get_plugin_manager()
-    pm.add_plugin(module, PluginInfo(name, "(in-process)", "-", False))
+    api = getattr(module, "NGKIT_PLUGIN_API", None)
+    pm.add_plugin(module, PluginInfo(name, "(in-process)", "-", False, getattr(module, "__name__", ""), api))
     try:
         yield pm
     finally:

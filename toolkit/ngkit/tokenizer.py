@@ -76,7 +76,7 @@ class Tokenizer:
                 f'method "{self.config["method"]}" has a deterministic encoder: there are no codes to '
                 f"sample; call encode(images) without sample=True"
             )
-        return self.method.encoder.sample(x, 1)[0][0]  # type: ignore[operator]
+        return self.method.sample_codes(x)  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:

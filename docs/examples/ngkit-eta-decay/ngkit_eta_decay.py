@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from ngkit import hookimpl
 
+NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+
 
 class EtaDecay(nn.Module):
     def __init__(self, *, total_steps: int, start: float = 100.0, end: float = 10.0) -> None:

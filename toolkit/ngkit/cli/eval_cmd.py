@@ -54,6 +54,7 @@ def eval_run(
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the record also written to ``eval-<time>.json``."""
     from ngkit.engine.build import build_metrics
+    from ngkit.engine.deepspeed_engine import DTYPES
     from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
     from ngkit.engine.evaluate import evaluate
     from ngkit.engine.load import load_run
@@ -76,6 +77,7 @@ def eval_run(
         loaded.engine.module, dataset, built_metrics, num_images=n,
         batch_size=batch_size or recipe.eval.batch_size, beta=beta, device=dist.device,
         rank=dist.rank, world_size=dist.world_size, codes=codes, seed=recipe.run.seed,  # type: ignore[arg-type]
+        dtype=DTYPES[recipe.distributed.precision],  # as the run evaluated, so the figures agree
     )
     record = {
         "run": str(loaded.run_dir),

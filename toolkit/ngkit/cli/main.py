@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: rich markup would eat table names like [run]
 )
 app.command("run")(run_cmd.run)
 app.command("plugins")(plugins_cmd.plugins)

@@ -16,7 +16,7 @@ from ngkit.cli.run_cmd import next_free
 from ngkit.errors import NgkitError
 
 console = Console(stderr=True)
-app = typer.Typer(help="Generative priors over a tokenizer's codes.", no_args_is_help=True)
+app = typer.Typer(help="Generative priors over a tokenizer's codes.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("train")

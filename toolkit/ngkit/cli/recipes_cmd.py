@@ -13,7 +13,7 @@ from rich.table import Table
 from ngkit.errors import NgkitError, RecipeError
 from ngkit.recipe import apply_overrides, parse_recipe, read_toml, variant_raw
 
-app = typer.Typer(help="List and validate recipes.", no_args_is_help=True)
+app = typer.Typer(help="List and validate recipes.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def packaged_recipes() -> list[Path]:
@@ -72,15 +72,21 @@ def validate(
     gpu: bool = typer.Option(False, "--gpu", help="Check as for a machine with a CUDA GPU (e.g. on a login node)."),
 ) -> None:
     """Check recipes against the schema and the registered plugins, and build every component
-    (on the meta device: no memory, no training) as 'ngkit run' would; stops at the first bad one."""
-    console = Console()
+    (on the meta device: no memory, no training) as 'ngkit run' would. Every file is checked and
+    reported; exit 2 if any is invalid."""
+    console, failed = Console(), 0
     for path in files:
         try:
             check_recipe(path, set_, gpu)
         except NgkitError as exc:
+            failed += 1
             Console(stderr=True).print(f"[bold red]invalid:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            continue
         console.print(f"[green]ok[/] {escape(str(path))}")
+    if failed:
+        if len(files) > 1:
+            Console(stderr=True).print(f"{failed} of {len(files)} recipes are invalid", highlight=False)
+        raise typer.Exit(2)
 
 
 @app.command("reference")

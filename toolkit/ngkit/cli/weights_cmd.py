@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(help="Manage weights files (FID Inception-v3).", no_args_is_help=True)
+app = typer.Typer(help="Manage weights files (FID Inception-v3).", no_args_is_help=True, rich_markup_mode=None)
 console = Console()
 
 

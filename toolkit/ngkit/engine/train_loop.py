@@ -24,8 +24,9 @@ import tomli_w
 from ngkit import __version__
 from ngkit.components import Encoder, Method
 from ngkit.data import Position, TrainBatches, check_dataset
-from ngkit.engine import checkpoint
+from ngkit.engine import checkpoint, rank_state
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
+from ngkit.engine.buffers import broadcast_buffers
 from ngkit.engine.build import Built, build, build_metrics
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import DistInfo, all_ranks_agree, init_distributed, pick_device, set_accelerator_env
@@ -39,13 +40,10 @@ from ngkit.engine.signals import StopSignals
 from ngkit.engine.step import StepPlan, host_floats, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
 from ngkit.losses import STATE_KEY as LOSSES_KEY, WeightedLoss, attach_losses, build_losses, load_losses_state, losses_state
-from ngkit.plugins import get_plugin_manager
+from ngkit.plugins import get_plugin_manager, get_registry
 from ngkit.recipe import Recipe, recipe_to_dict
 
 __all__ = ["TrainResult", "seed_everything", "train"]
-
-EXPENSIVE_METRICS = {"fid"}  # computed at the end of training only, not at every eval
-
 
 @dataclass
 class TrainResult:
@@ -209,6 +207,7 @@ def resume_point(t: Trainer) -> Start:
     if own is not None and saved_world == t.dist.world_size:
         start.position, start.unreadable = Position(**own["data"]), set(own.get("unreadable", ()))
         set_rng_state(own["rng"])
+        rank_state.restore(t.method, own.get("method", {}))
     else:  # another number of ranks: the shards differ, so start the next epoch afresh
         start.position = Position(epoch=int(client.get("max_epoch", 0)) + 1)
         if t.main:
@@ -247,7 +246,7 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
     run_cfg, recipe = t.recipe.run, t.recipe
     state = Loop(step=start.step, saved_step=start.step if t.resume_tag else None)
     plan = StepPlan.of(t.engine, recipe, t.dist.device, t.dtype)
-    periodic = [m for m in recipe.eval.metrics if m not in EXPENSIVE_METRICS]
+    periodic = [m for m in recipe.eval.metrics if not expensive(m)]
 
     def save_overdue() -> bool:
         return run_cfg.checkpoint_minutes > 0 and time.perf_counter() - state.t_saved > 60 * run_cfg.checkpoint_minutes
@@ -256,6 +255,7 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
         state.step = step
         taken = train_step(t.engine, t.batches, step, plan, stop_requested=lambda: signals.requested,
                            save_overdue=save_overdue)
+        broadcast_buffers(t.method)
         state.save_due = state.save_due or taken.save_due
         # [run] seconds: every rank ends at the first step past the budget (rank clocks differ: one all-reduce)
         out_of_time = bool(run_cfg.seconds) and not all_ranks_agree(
@@ -282,6 +282,11 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
         if state.stop_signal or out_of_time:
             break
     return state
+
+
+def expensive(metric: str) -> bool:
+    """A metric's declared ``expensive`` (its factory's attribute): left out of periodic evals."""
+    return bool(getattr(get_registry().entries["metrics"][metric].factory, "expensive", False))
 
 
 def _count(t: Trainer, state: Loop, applied: bool, logs: dict[str, Any]) -> None:
@@ -334,12 +339,13 @@ def run_eval(t: Trainer, step: int, names: list[str], num_images: int) -> EvalRe
         return evaluate(
             t.method, t.built.dataset, metrics, num_images=num_images, batch_size=t.recipe.eval.batch_size,
             beta=t.built.beta(step), device=t.dist.device, rank=t.dist.rank, world_size=t.dist.world_size,
-            keep=t.recipe.run.grid_images, dtype=t.dtype,
+            keep=t.recipe.run.grid_images, dtype=t.dtype, seed=t.recipe.run.seed,
         )
 
 
 def save(t: Trainer, step: int) -> Path:
-    """A checkpoint of every rank (weights, optimiser, data positions, generators) at ``step``."""
+    """A checkpoint of every rank (weights, optimiser; each rank's data position, generators and
+    the method's per-rank state, :mod:`ngkit.engine.rank_state`) at ``step``."""
     dist = t.dist
     epochs = torch.tensor([float(t.batches.position.epoch)])
     torch.distributed.all_reduce(epochs, op=torch.distributed.ReduceOp.MAX)
@@ -348,7 +354,8 @@ def save(t: Trainer, step: int) -> Path:
     if t.ema is not None:  # [run] ema: checkpointed in the client state
         state[EMA_KEY] = t.ema.state_dict()
     state[LOSSES_KEY] = losses_state(t.losses)  # [[loss]]: their own training state
-    own = {"data": t.batches.state(), "rng": rng_state(), "unreadable": sorted(t.batches.unreadable)}
+    own = {"data": t.batches.state(), "rng": rng_state(), "unreadable": sorted(t.batches.unreadable),
+           "method": rank_state.collect(t.method)}
     path = checkpoint.save(t.engine, t.ckpt_dir, step, state, own, dist.rank, dist.world_size,
                            keep=t.recipe.run.keep_checkpoints)
     if t.main:

@@ -15,6 +15,8 @@ from ngkit.distributed import sum_over_ranks
 class CategoricalVAE(Method):
     """Encoder + decoder with the evaluation helpers every categorical method shares."""
 
+    can_sample = True  # q(z|x) is a distribution over codes: sample_codes draws from it
+
     def __init__(self, encoder: Encoder, decoder: Decoder) -> None:
         super().__init__()
         self.encoder = encoder
@@ -72,8 +74,15 @@ class DeadCodeSplitter(nn.Module):
     def __init__(self, codes: int, every: int, noise: float, below: float) -> None:
         super().__init__()
         self.every, self.noise, self.below = every, noise, below
-        # Not saved: after a resume the window simply starts afresh.
+        # This rank's draws per code since the last check: kept in the rank's checkpoint file
+        # (get_rank_state), not the module's, whose one copy is rank 0's.
         self.register_buffer("counts", torch.zeros(codes, dtype=torch.float64), persistent=False)
+
+    def get_rank_state(self) -> dict[str, Tensor]:
+        return {"counts": self.counts.double().cpu()}
+
+    def set_rank_state(self, state: dict[str, Tensor]) -> None:
+        self.counts.copy_(state["counts"])
 
     @torch.no_grad()
     def observe(self, z: Tensor) -> None:

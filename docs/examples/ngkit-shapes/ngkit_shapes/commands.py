@@ -9,6 +9,8 @@ import typer
 
 from ngkit import hookimpl
 
+NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+
 
 @hookimpl
 def register_commands(cli: typer.Typer) -> None:

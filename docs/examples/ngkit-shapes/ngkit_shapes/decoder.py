@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from ngkit import hookimpl
 from ngkit.components import Decoder, ImageSpec, LatentSpec
 
+NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+
 
 class PatchBernoulli(Decoder):
     def __init__(self, *, image: ImageSpec, latent: LatentSpec, embed_dim: int = 32, hidden: int = 64) -> None:

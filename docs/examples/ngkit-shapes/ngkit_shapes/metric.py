@@ -12,6 +12,8 @@ from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch
 from ngkit.distributed import sum_over_ranks
 
+NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+
 
 class ForegroundIoU:
     def __init__(self, threshold: float = 0.25) -> None:
