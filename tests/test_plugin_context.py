@@ -88,4 +88,4 @@ def test_dataset_asking_for_latent_is_refused():
     with temporary_plugin(plugin, "needy"):
         problems = check_component("datasets", {"name": "needy"}, "data", get_registry())
     assert len(problems) == 1 and 'asks for the context argument "latent"' in problems[0]
-    assert "datasets get none" in problems[0]
+    assert "a dataset takes only its recipe options and channels" in problems[0]
