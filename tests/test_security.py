@@ -308,7 +308,7 @@ def test_variant_names_cannot_leave_out(label, tmp_path):
     {"distributed": {"deepspeed": {"wandb": {"enabled": False, "output_path": "~/wandb"}}}},
 ])
 def test_paths_a_recipe_writes_stay_below_here(section, tmp_path, capsys):
-    assert main(["recipes", "validate", str(write(tmp_path, tiny(**section)))]) == 1  # validate's "invalid"
+    assert main(["recipes", "validate", str(write(tmp_path, tiny(**section)))]) == 2  # validate: invalid
     assert "a recipe writes only below the directory it runs in" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(RecipeError):
         parse_recipe(tiny(**section), "tiny")
@@ -334,7 +334,7 @@ def test_symlinks_in_a_run_directory_are_not_written_through(run, tmp_path, caps
 # ---- sizes
 @pytest.mark.parametrize("override", ["model.encoder.depth=2147483648", "model.encoder.width=1000000000", "data.batch_size=1000000000"])
 def test_absurd_sizes_are_refused_at_validation_with_the_estimate(tmp_path, capsys, override):
-    assert main(["recipes", "validate", str(write(tmp_path, tiny())), "--set", override]) == 1  # "invalid"
+    assert main(["recipes", "validate", str(write(tmp_path, tiny())), "--set", override]) == 2  # validate: invalid
     err = " ".join(capsys.readouterr().err.split())
     assert ("GiB" in err or "layers" in err or "wider" in err), err
 
