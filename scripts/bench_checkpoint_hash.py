@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ngkit.engine import checkpoint, safe_load
+from ngkit.weights import sha256_of
 
 
 def best(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
@@ -28,7 +29,7 @@ def main(run: Path) -> None:
     tag = checkpoint.newest_complete(ckpt_dir)
     path = ckpt_dir / tag
     size = sum(p.stat().st_size for p in path.iterdir())
-    hashing = best(lambda: [safe_load.sha256(p) for p in path.iterdir() if p.name != checkpoint.MARKER])
+    hashing = best(lambda: [sha256_of(p) for p in path.iterdir() if p.name != checkpoint.MARKER])
     verify = best(lambda: checkpoint.verify(path))
     states = path / "mp_rank_00_model_states.pt"
     load = best(lambda: safe_load.safe_torch_load(states, "cpu", deepspeed=True))

@@ -22,6 +22,7 @@ from ngkit.engine.train_loop import train
 from ngkit.errors import NgkitError, RecipeError, WeightsError
 from ngkit.export import CONFIG, WEIGHTS, export
 from ngkit.recipe import parse_recipe
+from ngkit.weights import sha256_of
 from tiny_recipe import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +46,7 @@ def plant(ckpt: Path, name: str, marker: Path) -> None:
     """Replace (or add) ``ckpt/name`` with a payload and update complete.json to match."""
     torch.save({"module": Payload(marker), "step": 4}, ckpt / name)
     meta = json.loads((ckpt / checkpoint.MARKER).read_text())
-    meta["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": safe_load.sha256(ckpt / name)}
+    meta["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": sha256_of(ckpt / name)}
     (ckpt / checkpoint.MARKER).write_text(json.dumps(meta))
 
 
@@ -371,7 +372,7 @@ def test_a_corrupt_checkpoint_is_one_clear_error_on_export_and_eval(run, tmp_pat
     (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 not really a zip archive")
     meta = json.loads((ckpt / checkpoint.MARKER).read_text())  # the marker updated to match, as a copy tool might
     name = "mp_rank_00_model_states.pt"
-    meta["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": safe_load.sha256(ckpt / name)}
+    meta["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": sha256_of(ckpt / name)}
     (ckpt / checkpoint.MARKER).write_text(json.dumps(meta))
     for args in (["export", str(run), "--out", str(tmp_path / "x")], ["eval", str(run), "--metric", "mse", "--num-images", "8"]):
         assert main(args) == 2

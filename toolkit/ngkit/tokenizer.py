@@ -243,12 +243,12 @@ def read_export_weights(folder: Path, config: dict[str, Any]) -> dict[str, Tenso
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ngkit.engine.safe_load import sha256
+    from ngkit.weights import sha256_of
     from ngkit.export import CONFIG, WEIGHTS
 
     weights = folder / WEIGHTS
     recorded = config.get("files", {}).get(WEIGHTS) if isinstance(config.get("files"), dict) else None
-    if recorded is not None and sha256(weights) != recorded:
+    if recorded is not None and sha256_of(weights) != recorded:
         raise WeightsError(
             f"{weights} does not match the SHA-256 its {CONFIG} records: the export is torn (interrupted while "
             f"being written) or its files come from different exports; export it again"

@@ -29,6 +29,7 @@ import torch
 from ngkit.engine import safe_load
 from ngkit.engine.distributed import all_ranks_agree, barrier
 from ngkit.errors import NgkitError, TrainingError, WeightsError
+from ngkit.weights import sha256_of
 
 LATEST = "latest"
 MARKER = "complete.json"
@@ -99,7 +100,7 @@ def remove(path: Path) -> None:
 def _listing(directory: Path) -> dict[str, dict[str, Any]]:
     """Every file under ``directory`` -> its size in bytes and SHA-256."""
     return {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": safe_load.sha256(p)}
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
         for p in sorted(directory.rglob("*")) if p.is_file() and not p.is_symlink()
     }
 
@@ -269,7 +270,7 @@ def problem(path: Path, hashes: bool = True) -> str | None:
         size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (entry, None)
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
-        if hashes and digest is not None and safe_load.sha256(f) != digest:
+        if hashes and digest is not None and sha256_of(f) != digest:
             return f"{name} does not match the SHA-256 recorded in {MARKER} (changed or damaged)"
     return None
 

@@ -11,7 +11,6 @@ by :func:`install` (its checkpoint engine) and :func:`deepspeed_module_loads` (`
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import pickle
 import types
 from collections.abc import Iterator
@@ -97,12 +96,3 @@ def deepspeed_module_loads(module: types.ModuleType) -> Iterator[None]:
         yield
     finally:
         module.torch = original  # type: ignore[attr-defined]
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
