@@ -31,6 +31,7 @@ from ngkit.components import (
 from ngkit.errors import TrainingError
 from ngkit.methods.beta import reward_scale
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
+from ngkit.methods.marginal import marginal_kl as code_marginal_kl
 from ngkit.methods.trust_region import EncoderTrustRegion, project_step, token_kl
 from ngkit_plugins.daps_proxy import patch_rewards
 
@@ -64,6 +65,7 @@ class Daps(CategoricalVAE):
         trust_region_init: float = 1.0,
         trust_region_mode: TrustRegionMode = "penalty",
         credit: Credit = "sequence",
+        marginal_kl: float = 0.0,
     ) -> None:
         """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
         times their uniform share take over part of a used code (:class:`DeadCodeSplitter`);
@@ -77,7 +79,11 @@ class Daps(CategoricalVAE):
         found that keeps the step's KL ≤ ε (:func:`project_step`; the decoder keeps its full step).
         ``credit = "token"`` (factorised encoders): each token's reward is the decoder
         log-likelihood of the pixels of its own patch, and each token gets its own proxy weights
-        (docs/daps.md, "Per-token credit")."""
+        (docs/daps.md, "Per-token credit"). ``marginal_kl``: weight γ of L·KL(q̄ ‖ uniform) in the
+        encoder's loss, q̄ the batch's mean code distribution over images and tokens
+        (:func:`ngkit.methods.marginal_kl`): the part of the prior term that is code usage, without
+        the part that makes codes forget the image; 0 (the paper) leaves it to β (docs/daps.md,
+        "Keeping codes in use")."""
         if self.factorised_only and encoder.autoregressive:
             raise ValueError(
                 f'method "{self.name}" needs a factorised (non-autoregressive) encoder, but the '
@@ -117,6 +123,9 @@ class Daps(CategoricalVAE):
         # step, and with a trust region the next step's penalty pulls back toward those logits.
         self._step_batch: tuple[Tensor, Tensor, Tensor] | None = None
         self._anchor: tuple[Tensor, Tensor, Tensor] | None = None
+        if marginal_kl < 0:
+            raise ValueError(f'method "{self.name}": marginal_kl must be >= 0, got {marginal_kl}')
+        self.marginal_weight = marginal_kl
         if trust_region < 0:
             raise ValueError(f'method "{self.name}": trust_region must be >= 0 nats per image, got {trust_region}')
         penalty, project = trust_region > 0 and trust_region_mode == "penalty", trust_region > 0 and trust_region_mode == "project"
@@ -159,6 +168,11 @@ class Daps(CategoricalVAE):
         trust_stats = self._trust_region_penalty(self.trust) if self.trust is not None else {}
         if trust_stats:
             loss = loss + trust_stats["tr_penalty"]
+        usage_stats = {}
+        if self.marginal_weight > 0:  # per image, like the policy loss's sum over the L tokens
+            usage = code_marginal_kl(self._kl_view(enc.logits))
+            loss = loss + self.marginal_weight * self.latent.tokens * usage
+            usage_stats["marginal_kl"] = usage.detach()
 
         adv = proxy.advantages
         stats = {
@@ -176,6 +190,7 @@ class Daps(CategoricalVAE):
             "weight_max": proxy.weights.amax(dim=0).mean(),
         }
         stats.update(trust_stats)
+        stats.update(usage_stats)
         logs = host_logs(stats)
         logs["beta"] = beta
         if beta != beta_schedule:
