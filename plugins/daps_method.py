@@ -66,6 +66,7 @@ class Daps(CategoricalVAE):
         trust_region_mode: TrustRegionMode = "penalty",
         credit: Credit = "sequence",
         marginal_kl: float = 0.0,
+        token_entropy: float = 0.0,
     ) -> None:
         """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
         times their uniform share take over part of a used code (:class:`DeadCodeSplitter`);
@@ -83,7 +84,10 @@ class Daps(CategoricalVAE):
         encoder's loss, q̄ the batch's mean code distribution over images and tokens
         (:func:`ngkit.methods.marginal_kl`): the part of the prior term that is code usage, without
         the part that makes codes forget the image; 0 (the paper) leaves it to β (docs/daps.md,
-        "Keeping codes in use")."""
+        "Keeping codes in use"). ``token_entropy``: weight γ_e of L·H̄, H̄ the mean entropy of the
+        per-token distributions q(z_l|x) over the batch (a penalty that sharpens each image's codes);
+        with ``token_entropy = marginal_kl = γ`` the two terms are −γ·L·I(x; z_l) + const, the
+        information between an image and one token's code, the quantity LFQ maximises."""
         if self.factorised_only and encoder.autoregressive:
             raise ValueError(
                 f'method "{self.name}" needs a factorised (non-autoregressive) encoder, but the '
@@ -125,7 +129,9 @@ class Daps(CategoricalVAE):
         self._anchor: tuple[Tensor, Tensor, Tensor] | None = None
         if marginal_kl < 0:
             raise ValueError(f'method "{self.name}": marginal_kl must be >= 0, got {marginal_kl}')
-        self.marginal_weight = marginal_kl
+        if token_entropy < 0:
+            raise ValueError(f'method "{self.name}": token_entropy must be >= 0, got {token_entropy}')
+        self.marginal_weight, self.entropy_weight = marginal_kl, token_entropy
         if trust_region < 0:
             raise ValueError(f'method "{self.name}": trust_region must be >= 0 nats per image, got {trust_region}')
         penalty, project = trust_region > 0 and trust_region_mode == "penalty", trust_region > 0 and trust_region_mode == "project"
@@ -173,6 +179,10 @@ class Daps(CategoricalVAE):
             usage = code_marginal_kl(self._kl_view(enc.logits))
             loss = loss + self.marginal_weight * self.latent.tokens * usage
             usage_stats["marginal_kl"] = usage.detach()
+        if self.entropy_weight > 0:
+            token_logits = self._kl_view(enc.logits).float()
+            mean_entropy = -(token_logits.exp() * token_logits).sum(-1).mean()
+            loss = loss + self.entropy_weight * self.latent.tokens * mean_entropy
 
         adv = proxy.advantages
         stats = {

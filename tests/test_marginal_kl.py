@@ -57,11 +57,12 @@ def test_the_prior_term_is_information_plus_marginal_kl() -> None:
     assert float(prior_term) == pytest.approx(float(information + marginal_kl(logq)), rel=1e-12)
 
 
-def _method(weight: float) -> DapsNA:
+def _method(weight: float, entropy_weight: float = 0.0) -> DapsNA:
     torch.manual_seed(0)
     image, latent = ImageSpec(1, 4, 4), LatentSpec((1, 2), 3)
     return DapsNA(encoder=ToyEncoder(image, latent), decoder=PixelToyDecoder(image, latent), beta=Constant(0.2),
-                  samples=6, proxy=DapsProxy(), step_size=FixedEta(1.5), credit="token", marginal_kl=weight)
+                  samples=6, proxy=DapsProxy(), step_size=FixedEta(1.5), credit="token", marginal_kl=weight,
+                  token_entropy=entropy_weight)
 
 
 @pytest.mark.parametrize("weight", [0.3, 2.0])
@@ -102,3 +103,24 @@ def test_negative_weight_is_refused() -> None:
         _method(-0.1)
 
 
+
+
+def test_equal_weights_make_the_information_between_image_and_token() -> None:
+    """marginal_kl = token_entropy = γ adds γ·L·(log C − I_batch(x; z_l)), with I_batch = H(q̄) −
+    mean_i H(q_i) over the batch's per-token distributions (computed here from the logits)."""
+    x = torch.rand(5, 1, 4, 4)
+    gamma, tokens, codes = 0.7, 2, 3
+    outs = []
+    for w in (0.0, gamma):
+        method = _method(w, w)
+        torch.manual_seed(7)
+        outs.append(method(x, step=1))
+        torch.manual_seed(7)
+        _, enc = method.encoder.sample_log_prob(x, method.samples)
+    q = enc.logits[0].detach().double().exp().reshape(-1, codes)  # [B*L, C]
+    qbar = q.mean(0)
+    information = -(qbar * qbar.log()).sum() + (q * q.log()).sum(-1).mean()
+    expected_loss = float(outs[0].loss.detach()) + gamma * tokens * (math.log(codes) - float(information))
+    assert float(outs[1].loss.detach()) == pytest.approx(expected_loss, rel=2e-7)
+    with pytest.raises(ValueError, match="token_entropy must be >= 0"):
+        _method(0.0, -1.0)
