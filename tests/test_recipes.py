@@ -137,3 +137,43 @@ def test_compare_quantizers_runs_every_variant(tmp_path: Path, monkeypatch):
     assert len(table) == len(load_recipe(ROOT / "recipes" / "compare-quantizers.toml").compare.variants) >= 10
     assert {row["bits_per_image"] for row in table} == {128}
     assert all(row["step"] == 2 for row in table)
+
+
+SHORT = ["--set", "run.eval_every=0", "--set", "eval.num_images=8", "--set", 'eval.metrics=["mse","usage"]']
+EXPERIMENTS = sorted((ROOT / "recipes" / "experiments").glob("*.toml"))
+
+
+def _compare_every_variant(recipe: Path, out: Path) -> list[dict]:
+    import json
+
+    assert main(["compare", str(recipe), "--steps", "2", "--seeds", "0", "--out", str(out), *SHORT]) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert {row["variant"] for row in table} == set(load_recipe(recipe).compare.variants)
+    assert all(row["step"] == 2 and row["mse"] == row["mse"] for row in table)  # ran, and a finite error
+    return table
+
+
+def test_compare_photos_runs_every_variant(tmp_path: Path, monkeypatch):
+    """recipes/compare-photos.toml (the README's side-by-side): every method and variant trains
+    2 steps in one compare at the same 128 bits per image."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    table = _compare_every_variant(ROOT / "recipes" / "compare-photos.toml", tmp_path / "cp")
+    assert {row["bits_per_image"] for row in table} == {128}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_recipe_trains_a_few_steps(path: Path, tmp_path: Path, capsys):
+    """Each recipe of docs/experiments.md, its base settings, 2 steps as `ngkit run` trains them
+    (slow: 12 start-ups; the default suite runs the shipped recipes, and these validate there)."""
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--set", "run.steps=2", *SHORT]) == 0, capsys.readouterr().err
+    assert (out / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_recipe_trains_every_variant(path: Path, tmp_path: Path, monkeypatch):
+    """Every variant of each experiment recipe, 2 steps (slow: ~90 variants in all)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _compare_every_variant(path, tmp_path / "cmp")
