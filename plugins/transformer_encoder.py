@@ -247,12 +247,13 @@ class TransformerEncoder(Encoder):
         b, length = feats.shape[0], self.latent.tokens
         n = b * num_samples
         steps = [_DecodeStep(block, feats, n, length, "matmul") for block in self.latent_blocks]
-        norm_shape, norm_w, norm_b, eps = self.latent_norm.normalized_shape, self.latent_norm.weight, self.latent_norm.bias, self.latent_norm.eps
+        norm = self.latent_norm
+        norm_shape, norm_w, norm_b, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
         table, pos = self.tokens_in.weight, self.tokens_in.pos
         head_w, head_b = self.head.weight.t().contiguous(), self.head.bias
         token = feats.new_full((n,), self.latent.codes, dtype=torch.long)  # START
         z = feats.new_empty((b, num_samples, length), dtype=torch.long)
-        lq = feats.new_empty((length, b, num_samples, 1))  # each token's log q, summed at the end
+        lq: Tensor | None = None  # each token's log q [L, B, K, 1], summed at the end
         for t in range(length):
             h = drop(torch.index_select(table, 0, token) + pos[t])
             for step in steps:
@@ -261,8 +262,11 @@ class TransformerEncoder(Encoder):
             logp = F.log_softmax(torch.addmm(head_b, h, head_w), dim=-1).view(b, num_samples, -1)
             picked = pick(logp)  # [B, K]
             z[:, :, t] = picked
+            if lq is None:  # logp's dtype (autocast may make it differ from the features')
+                lq = logp.new_empty((length, b, num_samples, 1))
             torch.gather(logp, -1, picked.unsqueeze(-1), out=lq[t])
             token = picked.view(n)
+        assert lq is not None  # length >= 1
         return z, lq.sum(0).squeeze(-1)
 
 
@@ -379,7 +383,8 @@ class _DecodeStep:
 
     def rows(self, x: Tensor, t: int) -> Tensor:
         """The block on the new token of each of the N = B*K sequences, ``x [N, width]``."""
-        ln1w, ln1b, w_qkv, w_out, b_out, ln2w, ln2b, w_cq, w_cout, b_cout, ln3w, ln3b, w_up, b_up, w_down, b_down = self.weights
+        (ln1w, ln1b, w_qkv, w_out, b_out, ln2w, ln2b, w_cq, w_cout, b_cout,
+         ln3w, ln3b, w_up, b_up, w_down, b_down) = self.weights
         eps1, eps2, eps3 = self.eps
         heads, drop, cache_kt, cache_v, mem_kt = self.heads, self.drop, self.cache_kt, self.cache_v, self.mem_kt
         n, d = x.shape

@@ -57,12 +57,26 @@ def test_trust_region_measures_every_step(mode, tmp_path, monkeypatch, one_threa
     assert calls >= 8 and all("encoder_kl" in r for r in records)
 
 
-def test_direct_after_step_still_measures():
-    """Outside the training loop every step's logs count as read (tests, notebooks)."""
-    assert LOGS_READ.get() is True
-    token = LOGS_READ.set(False)
-    LOGS_READ.reset(token)
-    assert LOGS_READ.get() is True
+def test_after_step_measures_unless_told_the_logs_are_not_read():
+    """Outside the training loop every step's logs count as read (tests, notebooks); told
+    otherwise, a method without a trust region skips the pass, one with a trust region does not."""
+    from test_daps_trust_region import _images, _method
+
+    for trust, expect_when_unread in ((0.0, False), (0.05, True)):
+        for read in (True, False):
+            method = _method(trust_region=trust)
+            opt = torch.optim.Adam(method.parameters(), lr=0.05)
+            out = method(_images(), step=1)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            token = LOGS_READ.set(read) if not read else None
+            try:
+                logs = method.after_step(1)
+            finally:
+                if token is not None:
+                    LOGS_READ.reset(token)
+            assert ("encoder_kl" in logs) == (read or expect_when_unread), (trust, read, logs)
 
 
 def test_logs_read_at():
