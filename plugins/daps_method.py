@@ -27,6 +27,7 @@ from ngkit.components import (
     StepOutput,
     StepSizePolicy,
     host_logs,
+    logs_read,
 )
 from ngkit.errors import TrainingError
 from ngkit.methods.beta import reward_scale
@@ -272,6 +273,8 @@ class Daps(CategoricalVAE):
             return {}
         x, z, old_logits = self._step_batch
         self._step_batch = None
+        if self.trust is None and self.project_bound == 0 and not logs_read():
+            return {}  # only a log here, and this step's logs are not read: no encoder pass
 
         def kl_now() -> Tensor:
             return token_kl(old_logits, self.encoder.log_prob(x, self._kl_codes(z)).logits).mean()

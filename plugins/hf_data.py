@@ -74,24 +74,36 @@ def _open(value: Any, channels: int, min_side: int | None = None) -> Image.Image
         img = Image.fromarray(np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8), "L")
     elif img.mode == "F":
         img = Image.fromarray(np.round(np.clip(np.asarray(img), 0, 1) * 255).astype(np.uint8), "L")
-    return img.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    return img if img.mode == mode else img.convert(mode)  # convert to its own mode would copy
 
 
 def _resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None, flip: bool) -> Tensor:
-    """Shorter side to ``size`` (bicubic, antialiased), then a random (train) or centre crop."""
+    """Shorter side to ``size`` (bicubic, antialiased), then a random (train) or centre crop.
+
+    Only the crop is resampled: Pillow's ``resize(box=...)`` with the box in the input that maps
+    exactly onto the crop of the resized image (each axis scaled by its own rounded size, as
+    the full resize is), so the same separable bicubic filter at the same positions. The pixels
+    differ from resizing the whole image and cropping only by the rounding of Pillow's 8-bit
+    intermediate image, which the box path takes after the other of its two passes: 1.9 % of
+    values by 1-4 /255; against a float64 resampling of the region both paths are off by the
+    same mean 0.16 /255, max 4 (tests/test_hf_data.py); 20 % less resize time."""
     w, h = img.size
     scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
+    out_w, out_h = max(size, round(w * scale)), max(size, round(h * scale))  # the resized image's size
     if rng is None:
-        left, top = (w - size) // 2, (h - size) // 2
+        left, top = (out_w - size) // 2, (out_h - size) // 2
     else:
-        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    arr = arr[..., None] if arr.ndim == 2 else arr  # grey: [H, W] -> [H, W, 1]
+        left, top = int(rng.integers(0, out_w - size + 1)), int(rng.integers(0, out_h - size + 1))
+    sx, sy = w / out_w, h / out_h
+    box = (left * sx, top * sy, min(w, (left + size) * sx), min(h, (top + size) * sy))
+    img = img.resize((size, size), Image.BICUBIC, box=box)
     if rng is not None and flip and rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = torch.from_numpy(np.array(img))  # uint8 [H, W] or [H, W, C], writable
+    arr = arr[..., None] if arr.ndim == 2 else arr  # grey: [H, W] -> [H, W, 1]
+    # one pass to float CHW, one in-place division: the same float32 values as x / 255.0 in numpy
+    return arr.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def _name(value: Any, fallback: str) -> str:

@@ -148,12 +148,7 @@ class TransformerEncoder(Encoder):
             logq = base.expand(num_samples, *base.shape).gather(-1, z.unsqueeze(-1)).squeeze(-1)
             return z, logq.sum(-1)
 
-        def draw(logp: Tensor) -> Tensor:
-            # x / 1 is x exactly: at temperature 1 the division is only a kernel launch
-            probs = _samplable((logp if temperature == 1 else logp / temperature).softmax(-1))
-            return torch.multinomial(probs.flatten(0, -2), 1).view(probs.shape[:-1])
-
-        z, logq = self._autoregress(feats, num_samples, draw)
+        z, logq = self._autoregress(feats, num_samples, InverseCdfDraw(self.latent.tokens, temperature))
         return z.transpose(0, 1).contiguous(), logq.transpose(0, 1).contiguous()
 
     @torch.no_grad()
@@ -212,19 +207,26 @@ class TransformerEncoder(Encoder):
         """Decode ``[B, K, L]`` codes (``pick`` maps log-probs ``[B, K, V]`` to codes ``[B, K]``)
         and their summed model log-probs ``[B, K]``, without autograd.
 
-        The same arithmetic as :meth:`_step` token by token (same kernels, same shapes: the same
-        codes for the same generator state, tested), with less around it per token: each block's
-        step is one function with its cache allocated once (:class:`_DecodeStep`) instead of a
-        dozen module calls and a cache that grows."""
+        The same function as :meth:`_step` token by token, with less around it per token: each
+        block's step is one function with its cache allocated once (:class:`_DecodeStep`) instead
+        of a dozen module calls and a cache that grows; on CPU its attention for the one new
+        query is plain matmul-softmax-matmul over head-major caches (the flash kernel costs 2-3x
+        more for a single query), with 1/sqrt(head_dim) folded into the query weights, so the
+        low bits differ from :meth:`_step`'s (log q agrees with the teacher-forced pass to float
+        rounding, tested)."""
         b, length = feats.shape[0], self.latent.tokens
         n = b * num_samples
-        sdpa = not (feats.is_cuda and attention_backend() == "xformers")
-        steps = [_DecodeStep(block, feats, n, length, sdpa) for block in self.latent_blocks]
+        kernel = "matmul" if not feats.is_cuda else "xformers" if attention_backend() == "xformers" else "sdpa"
+        drop = _dropout(self.drop)
+        if kernel == "matmul":
+            with torch.inference_mode():  # ~10 % less per token than no_grad; outputs copied out
+                z, logq = self._autoregress_rows(feats, num_samples, pick, drop)
+            return z.clone(), logq.clone()
+        steps = [_DecodeStep(block, feats, n, length, kernel) for block in self.latent_blocks]
         prev = feats.new_full((b, num_samples, 1), self.latent.codes, dtype=torch.long)
         z = feats.new_empty((b, num_samples, length), dtype=torch.long)
         logq = feats.new_zeros((b, num_samples))
         norm, head = self.latent_norm, self.head
-        drop = _dropout(self.drop)
         for t in range(length):
             h = drop(self.tokens_in(prev, start=t))
             for step in steps:
@@ -237,6 +239,36 @@ class TransformerEncoder(Encoder):
             prev = token.unsqueeze(-1)
         return z, logq
 
+    def _autoregress_rows(
+        self, feats: Tensor, num_samples: int, pick: Callable[[Tensor], Tensor], drop: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_autoregress` on CPU: the N = B*K sequences' new tokens as ``[N, width]`` rows,
+        weights pre-transposed, attention by matmul (:meth:`_DecodeStep.rows`)."""
+        b, length = feats.shape[0], self.latent.tokens
+        n = b * num_samples
+        steps = [_DecodeStep(block, feats, n, length, "matmul") for block in self.latent_blocks]
+        norm = self.latent_norm
+        norm_shape, norm_w, norm_b, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+        table, pos = self.tokens_in.weight, self.tokens_in.pos
+        head_w, head_b = self.head.weight.t().contiguous(), self.head.bias
+        token = feats.new_full((n,), self.latent.codes, dtype=torch.long)  # START
+        z = feats.new_empty((b, num_samples, length), dtype=torch.long)
+        lq: Tensor | None = None  # each token's log q [L, B, K, 1], summed at the end
+        for t in range(length):
+            h = drop(torch.index_select(table, 0, token) + pos[t])
+            for step in steps:
+                h = step.rows(h, t)
+            h = torch.layer_norm(h, norm_shape, norm_w, norm_b, eps)
+            logp = F.log_softmax(torch.addmm(head_b, h, head_w), dim=-1).view(b, num_samples, -1)
+            picked = pick(logp)  # [B, K]
+            z[:, :, t] = picked
+            if lq is None:  # logp's dtype (autocast may make it differ from the features')
+                lq = logp.new_empty((length, b, num_samples, 1))
+            torch.gather(logp, -1, picked.unsqueeze(-1), out=lq[t])
+            token = picked.view(n)
+        assert lq is not None  # length >= 1
+        return z, lq.sum(0).squeeze(-1)
+
 
 def _dropout(module: nn.Dropout) -> Callable[[Tensor], Tensor]:
     """``module`` as a function; the identity when it drops nothing (p = 0 or eval mode), which
@@ -246,6 +278,36 @@ def _dropout(module: nn.Dropout) -> Callable[[Tensor], Tensor]:
     return lambda x: F.dropout(x, module.p, True)
 
 
+class InverseCdfDraw:
+    """Codes ``[B, K]`` from log-probs ``[B, K, V]`` raised to 1/temperature, one uniform per
+    token and sequence: the first code whose cumulative probability exceeds u times the total,
+    an exact draw from the categorical (up to float32 rounding of the cumulative sum). The
+    uniforms for all ``length`` tokens are drawn at the first call (one generator call instead of
+    one ``multinomial`` per token, which also draws V exponentials per row). A row with a
+    non-finite entry (a diverged step) still yields a valid code, so sampling goes on and the
+    step's non-finite log q makes the trainer skip it; nothing is checked per token (on a GPU
+    a check would wait for the device)."""
+
+    def __init__(self, length: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> None:
+        self.length, self.temperature, self.generator = length, temperature, generator
+        self.uniforms: Tensor | None = None
+        self.t = 0
+
+    def __call__(self, logp: Tensor) -> Tensor:
+        if self.uniforms is None:
+            self.uniforms = torch.rand((self.length, *logp.shape[:-1], 1), generator=self.generator,
+                                       device=logp.device, dtype=torch.float32)
+        u = self.uniforms[self.t]
+        self.t += 1
+        # at temperature 1 the log-probs are normalised: exp is the softmax, one kernel cheaper
+        probs = logp.float().exp() if self.temperature == 1 else (logp.float() / self.temperature).softmax(-1)
+        cdf = probs.cumsum(-1)
+        # a non-finite row (NaN or inf in the cumulative sum) gives some index in [0, V]: clamped,
+        # it is a valid code, and the row's non-finite log q makes the trainer skip the step
+        token = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
+        return token.clamp_max_(cdf.shape[-1] - 1).squeeze(-1)
+
+
 class _DecodeStep:
     """One :class:`_DecoderBlock` for one new token at a time, without autograd: the same
     operations on the same shapes as its ``forward`` with a cache (so the same numbers), with
@@ -253,14 +315,44 @@ class _DecodeStep:
     laid out ``[B, H, P, head_dim]`` once, as the SDPA kernel reads them (``sdpa``; xformers on a
     GPU takes the token-major views through :func:`ngkit.nn.attention`)."""
 
-    def __init__(self, block: _DecoderBlock, feats: Tensor, n: int, length: int, sdpa: bool) -> None:
-        self.block, self.sdpa, self.drop = block, sdpa, _dropout(block.drop)
-        self.heads = block.attn.heads
+    def __init__(self, block: _DecoderBlock, feats: Tensor, n: int, length: int, kernel: str) -> None:
+        self.block, self.sdpa, self.drop = block, kernel != "xformers", _dropout(block.drop)
+        self.heads = heads = block.attn.heads
         width = feats.shape[-1]
         k, v = block.cross.memory(feats)  # [B, P, H, D]
+        if kernel == "matmul":
+            self._bind_rows(block, k, v, n, length, width)
+            return
         self.memory = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())  # [B, H, P, D]
-        self.cache_k = feats.new_empty(n, self.heads, length, width // self.heads)
+        self.cache_k = feats.new_empty(n, heads, length, width // heads)
         self.cache_v = torch.empty_like(self.cache_k)
+
+    def _bind_rows(self, block: _DecoderBlock, k: Tensor, v: Tensor, n: int, length: int, width: int) -> None:
+        """The matmul path's layout: every tensor bound once as a plain attribute (a module's
+        attribute lookup costs more than some of these kernels), weights transposed for
+        ``rows @ w``, the softmax scale in the query weights, keys head-major and transposed
+        ``[., head_dim, S]`` (q @ k without a copy), values ``[., S, head_dim]``."""
+        heads, hd = self.heads, width // self.heads
+        scale = hd**-0.5
+        qkv = block.attn.qkv.weight.detach().clone()
+        qkv[:width] *= scale
+        # output rows reordered from (q/k/v, head, dim) to (head, q/k/v, dim): each head's q, k
+        # and v of all N rows are then [N*H, dim] views for bmm
+        w_qkv = qkv.view(3, heads, hd, width).transpose(0, 1).reshape(3 * width, width).t().contiguous()
+        up, _, down = block.mlp
+        ln1, ln2, ln3 = block.ln1, block.ln2, block.ln3
+        self.eps = (ln1.eps, ln2.eps, ln3.eps)
+        self.weights = (
+            ln1.weight, ln1.bias, w_qkv, block.attn.out.weight.t().contiguous(), block.attn.out.bias,
+            ln2.weight, ln2.bias, (block.cross.q.weight.detach() * scale).t().contiguous(),
+            block.cross.out.weight.t().contiguous(), block.cross.out.bias,
+            ln3.weight, ln3.bias, up.weight.t().contiguous(), up.bias, down.weight.t().contiguous(), down.bias,
+        )
+        b, p = k.shape[0], k.shape[1]
+        self.mem_kt = k.permute(0, 2, 3, 1).reshape(b * heads, hd, p)  # [B*H, D, P]
+        self.mem_v = v.transpose(1, 2).reshape(b * heads, p, hd)  # [B*H, P, D]
+        self.cache_kt = k.new_empty(n * heads, hd, length)
+        self.cache_v = k.new_empty(n * heads, length, hd)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Head-major ``q [N, H, M, D]``, ``k, v [N, H, S, D]`` -> token-major ``[N, M, H, D]``."""
@@ -288,6 +380,29 @@ class _DecodeStep:
         h = torch.layer_norm(seq, ln3.normalized_shape, ln3.weight, ln3.bias, ln3.eps)
         seq = seq + drop(F.linear(F.gelu(F.linear(h, up.weight, up.bias)), down.weight, down.bias))
         return seq.view(b, k, m, d)
+
+    def rows(self, x: Tensor, t: int) -> Tensor:
+        """The block on the new token of each of the N = B*K sequences, ``x [N, width]``."""
+        (ln1w, ln1b, w_qkv, w_out, b_out, ln2w, ln2b, w_cq, w_cout, b_cout,
+         ln3w, ln3b, w_up, b_up, w_down, b_down) = self.weights
+        eps1, eps2, eps3 = self.eps
+        heads, drop, cache_kt, cache_v, mem_kt = self.heads, self.drop, self.cache_kt, self.cache_v, self.mem_kt
+        n, d = x.shape
+        hd, bh = d // heads, mem_kt.shape[0]
+        h = torch.layer_norm(x, (d,), ln1w, ln1b, eps1)
+        q, key, value = torch.mm(h, w_qkv).view(n * heads, 3, hd).unbind(1)  # [N*H, D] each
+        cache_kt[:, :, t] = key
+        cache_v[:, t] = value
+        att = torch.bmm(q.unsqueeze(1), cache_kt[:, :, : t + 1]).softmax(-1)  # [N*H, 1, t+1]
+        x = x + drop(torch.addmm(b_out, torch.bmm(att, cache_v[:, : t + 1]).view(n, d), w_out))
+        h = torch.layer_norm(x, (d,), ln2w, ln2b, eps2)
+        # the K queries of an image side by side against its keys: [B*H, K, D]
+        q = torch.mm(h, w_cq).view(bh // heads, n * heads // bh, heads, hd).transpose(1, 2).reshape(bh, -1, hd)
+        att = torch.bmm(q, mem_kt).softmax(-1)  # [B*H, K, P]
+        out = torch.bmm(att, self.mem_v).view(bh // heads, heads, -1, hd).transpose(1, 2).reshape(n, d)
+        x = x + drop(torch.addmm(b_cout, out, w_cout))
+        h = torch.layer_norm(x, (d,), ln3w, ln3b, eps3)
+        return x + drop(torch.addmm(b_down, F.gelu(torch.addmm(b_up, h, w_up)), w_down))
 
 
 class _PatchEmbed(nn.Module):

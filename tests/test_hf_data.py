@@ -169,3 +169,31 @@ def test_an_epoch_of_a_small_stream_is_cheap(tmp_path):
     for epoch in range(1, 4):
         assert len(list(data.train(seed=0, epoch=epoch, shard=0, num_shards=1))) == 6
     assert data._loaded["train"] is loaded
+
+
+class _PoisonedSet:
+    """Eight 2x2 grey images, the sixth and seventh NaN-poisoned."""
+
+    def __init__(self) -> None:
+        from ngkit.components import ImageSpec
+
+        self.spec = ImageSpec(1, 2, 2)
+
+    def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0):
+        from ngkit.components import Example
+
+        for i in range(start, 8):
+            img = torch.full((1, 2, 2), float("nan") if i in (5, 6) else 0.5)
+            yield Example(lambda img=img: img, f"img-{i}")
+
+    def test(self, *, shard: int, num_shards: int, limit: int | None):
+        yield from ()
+
+
+def test_a_non_finite_image_is_named_when_its_batch_is_checked():
+    """The training batches check pixel values once per batch; the error still names the first
+    non-finite image, as the per-image check did, and batches before it are delivered."""
+    stream = TrainBatches(_PoisonedSet(), 4, seed=0, rank=0, world=1)
+    assert torch.equal(next(stream), torch.full((4, 1, 2, 2), 0.5))
+    with pytest.raises(DataError, match="training image 'img-5' of rank 0 has non-finite pixels"):
+        next(stream)

@@ -39,13 +39,14 @@ def codes(*shape: int) -> Tensor:
 @torch.no_grad()
 def uncached_sample(enc: TransformerEncoder, x: Tensor, k: int, temperature: float) -> Tensor:
     """Reference sampler: re-runs the full teacher-forced pass for every token. Draws rows in
-    the same [B, K] order as the cached sampler, so one seed gives the same codes."""
+    the same [B, K] order and from the same uniforms as the cached sampler (its inverse-CDF
+    draw), so one seed gives the same codes."""
     b, length = x.shape[0], enc.latent.tokens
+    draw = transformer_encoder.InverseCdfDraw(length, temperature)
     z = torch.zeros(k, b, length, dtype=torch.long)
     for t in range(length):
         logp = enc.log_prob(x, z).logits[:, :, t]  # [K, B, V]; depends only on z[..., :t]
-        probs = (logp / temperature).softmax(-1).transpose(0, 1).reshape(b * k, -1)
-        z[:, :, t] = torch.multinomial(probs, 1).view(b, k).T
+        z[:, :, t] = draw(logp.transpose(0, 1)).T
     return z
 
 

@@ -226,6 +226,18 @@ class StepOutput(NamedTuple):
 # the host only at the loop's log interval, so no step waits for the device to report them.
 DEFER_LOGS: contextvars.ContextVar[bool] = contextvars.ContextVar("ngkit_defer_logs", default=False)
 
+# Set by the training loop around each step: whether this step's logs will be read (the step closes
+# a log window). A log that costs model work and is only read, never used by the update (DAPS's
+# encoder_kl without a trust region), is measured only when this is true; outside the loop
+# (direct calls, tests) every step counts as read. The loop averages each key over the steps of
+# its window that reported it.
+LOGS_READ: contextvars.ContextVar[bool] = contextvars.ContextVar("ngkit_logs_read", default=True)
+
+
+def logs_read() -> bool:
+    """Whether the logs of the step now running will be read (see :data:`LOGS_READ`)."""
+    return LOGS_READ.get()
+
 
 def host_logs(stats: dict[str, Tensor]) -> dict[str, float | Tensor]:
     """Scalar tensors -> floats in one device-to-host copy (a sync: one per call, not per number).

@@ -65,16 +65,30 @@ class Position:
     start: int = 0
 
 
-def _check(img: Any, shape: tuple[int, ...], where: str) -> Tensor:
+def _check(img: Any, shape: tuple[int, ...], where: str, values: bool = True) -> Tensor:
+    """``img`` as a float tensor of ``shape``; ``values``: also refuse non-finite pixels (the
+    training batches check those once per batch instead, :func:`_check_values`)."""
     if not isinstance(img, Tensor):
         raise DataError(f"{where} is a {type(img).__name__}, expected a [C, H, W] float tensor")
     if tuple(img.shape) != shape:
         raise DataError(f"{where} has shape {tuple(img.shape)}, expected {shape}")
-    # NaN propagates to both ends and an infinity shows at one: one pass, 10x cheaper than
-    # isfinite(img).all(), which builds a mask (0.4 ms of a 256x256 crop's ~3 ms; benchmarks/data.py)
-    if img.numel() and not all(math.isfinite(v) for v in torch.aminmax(img.float())):
+    if values and not _finite(img):
         raise DataError(f"{where} has non-finite pixels (corrupt data?)")
     return img.float()
+
+
+def _finite(img: Tensor) -> bool:
+    # NaN propagates to both ends and an infinity shows at one: one pass, 10x cheaper than
+    # isfinite(img).all(), which builds a mask (0.4 ms of a 256x256 crop's ~3 ms; benchmarks/data.py)
+    return not img.numel() or all(math.isfinite(v) for v in torch.aminmax(img.float()))
+
+
+def _check_values(batch: Tensor, wheres: list[str]) -> None:
+    """One pass over the stacked batch; when it is not finite, the first image that is not is
+    named, as a check per image would have named it."""
+    if not _finite(batch):
+        bad = next(i for i, img in enumerate(batch) if not _finite(img))
+        raise DataError(f"{wheres[bad]} has non-finite pixels (corrupt data?)")
 
 
 def shard_examples(
@@ -124,7 +138,7 @@ class _Batches(IterableDataset):
             chunk = list(itertools.islice(stream, self.batch_size))
             if b % workers != worker:
                 continue  # another worker decodes this batch
-            images, bad = [], []
+            images, bad, wheres = [], [], []
             for example, _ in chunk:
                 name = example.name or f"example of epoch {chunk[0][1].epoch}"
                 try:
@@ -132,8 +146,10 @@ class _Batches(IterableDataset):
                 except Exception as exc:  # an unreadable file: dropped here, counted by the trainer
                     bad.append((name, f"{type(exc).__name__}: {exc}"))
                     continue
-                images.append(_check(img, self.shape, f"training image {name!r} of rank {self.rank}"))
+                wheres.append(f"training image {name!r} of rank {self.rank}")
+                images.append(_check(img, self.shape, wheres[-1], values=False))
             stacked = torch.stack(images) if images else torch.empty((0, *self.shape))  # all unreadable
+            _check_values(stacked, wheres)
             yield {"images": stacked, "end": chunk[-1][1], "read": len(chunk), "bad": bad}
 
 

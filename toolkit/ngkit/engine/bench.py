@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ngkit.components import Decoder, Encoder
+from ngkit.components import LOGS_READ, Decoder, Encoder
 from ngkit.data import TrainBatches
 from ngkit.engine.build import build
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
@@ -86,9 +86,14 @@ def _timed(fn: Any, repeats: int, timer: PhaseTimer) -> float:
 
 
 def floor_parts(
-    encoder: Encoder, decoder: Decoder, samples: int, x: torch.Tensor, repeats: int, timer: PhaseTimer
+    encoder: Encoder, decoder: Decoder, samples: int, x: torch.Tensor, repeats: int, timer: PhaseTimer,
+    post_step_pass: bool = False,
 ) -> dict[str, float]:
-    """Median seconds of each part of the floor on batch ``x`` with K = ``samples``."""
+    """Median seconds of each part of the floor on batch ``x`` with K = ``samples``.
+    ``post_step_pass``: the method's update itself needs the encoder's distribution after the
+    optimiser step (DAPS's projection into its trust region, ``trust_region_mode = "project"``):
+    one more gradient-free teacher-forced pass on the step's codes (one of the K samples when
+    the encoder is factorised: its logits do not depend on the codes)."""
     z, _ = encoder.sample(x, samples)
     x_k = x.expand(samples, *x.shape).flatten(0, 1)
 
@@ -104,6 +109,14 @@ def floor_parts(
     }
     if encoder.autoregressive:
         parts["sampling K sequences"] = _timed(lambda: encoder.sample(x, samples), repeats, timer)
+    if post_step_pass:
+        z_kl = z if encoder.autoregressive else z[:1]
+
+        @torch.no_grad()
+        def post_step() -> None:
+            encoder.log_prob(x, z_kl)
+
+        parts["post-step pass (projection)"] = _timed(post_step, repeats, timer)
     encoder.zero_grad(set_to_none=True)
     decoder.zero_grad(set_to_none=True)
     return parts
@@ -126,9 +139,14 @@ def time_method(
     with denormal_mode(recipe, device):
         for step in range(1, warmup + steps + 1):
             timer.seconds.clear()
+            # as the training loop runs it: logs measured only when read are measured at log steps
+            read = LOGS_READ.set(step % recipe.run.log_every == 0)
             start = timer.now()
-            result = train_step(engine, batches, step, plan, timer=timer)
-            elapsed = timer.now() - start
+            try:
+                result = train_step(engine, batches, step, plan, timer=timer)
+            finally:
+                elapsed = timer.now() - start
+                LOGS_READ.reset(read)
             if step > warmup:
                 totals.append(elapsed)
                 phases.append(dict(timer.seconds))
@@ -145,7 +163,8 @@ def time_method(
     if floor and isinstance(encoder, Encoder) and isinstance(decoder, Decoder) and timing.samples:
         x = next(batches).to(device, dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            parts = floor_parts(encoder, decoder, timing.samples, x, steps, timer)
+            post_step = getattr(engine.module, "project_bound", 0) > 0  # DAPS's projection
+            parts = floor_parts(encoder, decoder, timing.samples, x, steps, timer, post_step)
         timing.floor_parts_ms = {n: 1e3 * s for n, s in parts.items()}
         timing.floor_ms = sum(timing.floor_parts_ms.values())
     return timing

@@ -84,16 +84,25 @@ def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float
 
 def _clip_plain(params: list[torch.nn.Parameter], clip: float, eps: float) -> None:
     """AGC of gradients held in ``p.grad`` (ZeRO 0): the per-unit norms of all parameters are
-    computed one tensor at a time, but compared and clamped in one go (a handful of ops in all
-    rather than a handful per parameter)."""
-    rows = [p.shape[0] if p.ndim > 1 else 1 for p in params]
+    computed one matrix at a time (vectors and scalars, whose unit is the whole tensor, in one
+    fused norm over all of them), compared and clamped in one go, and the vectors' gradients
+    scaled in one fused multiply: a handful of ops in all rather than a handful per parameter."""
+    flat = [p for p in params if p.ndim <= 1]
+    mats = [p for p in params if p.ndim > 1]
+    rows = [p.shape[0] for p in mats]
     norm = torch.linalg.vector_norm
-    w = torch.cat([norm(p.detach().float().reshape(r, -1), dim=1) for p, r in zip(params, rows)])
-    g = torch.cat([norm(p.grad.float().reshape(r, -1), dim=1) for p, r in zip(params, rows)])
-    scales = (w.clamp_min(eps) * clip / g.clamp_min(1e-6)).clamp(max=1.0).split(rows)
-    for p, r, scale in zip(params, rows, scales):
-        shape = (r,) + (1,) * (p.ndim - 1) if p.ndim > 1 else (1,) * p.ndim
-        p.grad.mul_(scale.reshape(shape).to(p.grad.dtype))
+    w, g = [], []
+    if flat:
+        w.append(torch.stack(torch._foreach_norm([p.detach().float() for p in flat])))
+        g.append(torch.stack(torch._foreach_norm([p.grad.float() for p in flat])))
+    w += [norm(p.detach().float().reshape(r, -1), dim=1) for p, r in zip(mats, rows)]
+    g += [norm(p.grad.float().reshape(r, -1), dim=1) for p, r in zip(mats, rows)]
+    scales = (torch.cat(w).clamp_min(eps) * clip / torch.cat(g).clamp_min(1e-6)).clamp(max=1.0)
+    flat_scales, *mat_scales = scales.split([len(flat)] + rows)
+    if flat:
+        torch._foreach_mul_([p.grad for p in flat], [s.to(p.grad.dtype) for s, p in zip(flat_scales.unbind(), flat)])
+    for p, r, scale in zip(mats, rows, mat_scales):
+        p.grad.mul_(scale.reshape((r,) + (1,) * (p.ndim - 1)).to(p.grad.dtype))
 
 
 class GuardedAdamW(torch.optim.AdamW):

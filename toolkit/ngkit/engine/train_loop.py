@@ -22,7 +22,7 @@ import torch
 import tomli_w
 
 from ngkit import __version__
-from ngkit.components import Encoder, Method
+from ngkit.components import LOGS_READ, Encoder, Method
 from ngkit.data import Position, TrainBatches, check_dataset
 from ngkit.engine import checkpoint, rank_state
 from ngkit.engine.artifacts import JsonlWriter, read_jsonl, save_curves, save_grid, truncate_jsonl
@@ -110,6 +110,7 @@ class Loop:
     t_saved: float = field(default_factory=time.perf_counter)
     # sums since the last log: floats, and float64 scalars left on the device by the step
     window: dict[str, Any] = field(default_factory=lambda: defaultdict(float))
+    window_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # applied steps with the key
     window_steps: int = 0
     window_applied: int = 0
     t_window: float = field(default_factory=time.perf_counter)
@@ -251,10 +252,18 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
     def save_overdue() -> bool:
         return run_cfg.checkpoint_minutes > 0 and time.perf_counter() - state.t_saved > 60 * run_cfg.checkpoint_minutes
 
+    step_s = 0.0  # the last step's wall time, to foresee the last step of a [run] seconds budget
     for step in range(start.step + 1, run_cfg.steps + 1):
         state.step = step
-        taken = train_step(t.engine, t.batches, step, plan, stop_requested=lambda: signals.requested,
-                           save_overdue=save_overdue)
+        t_step = time.perf_counter()
+        read = LOGS_READ.set(logs_read_at(step, run_cfg.log_every, run_cfg.steps, run_cfg.seconds,
+                                          t_step - state.t_start, step_s))
+        try:
+            taken = train_step(t.engine, t.batches, step, plan, stop_requested=lambda: signals.requested,
+                               save_overdue=save_overdue)
+        finally:
+            LOGS_READ.reset(read)
+        step_s = time.perf_counter() - t_step
         broadcast_buffers(t.method)
         state.save_due = state.save_due or taken.save_due
         # [run] seconds: every rank ends at the first step past the budget (rank clocks differ: one all-reduce)
@@ -284,6 +293,14 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
     return state
 
 
+def logs_read_at(step: int, log_every: int, steps: int, seconds: float = 0.0, elapsed: float = 0.0,
+                 step_s: float = 0.0) -> bool:
+    """Whether step ``step``'s logs will be read: it closes a log window (a multiple of
+    ``log_every``, or the last step), or, under a ``[run] seconds`` budget, the budget may run out
+    within it or the next one (``elapsed`` seconds run so far, the last step took ``step_s``)."""
+    return step % log_every == 0 or step == steps or bool(seconds and elapsed + 2 * step_s >= seconds)
+
+
 def expensive(metric: str) -> bool:
     """A metric's declared ``expensive`` (its factory's attribute): left out of periodic evals."""
     return bool(getattr(get_registry().entries["metrics"][metric].factory, "expensive", False))
@@ -296,6 +313,7 @@ def _count(t: Trainer, state: Loop, applied: bool, logs: dict[str, Any]) -> None
     if applied:
         for key, value in logs.items():
             state.window[key] += value
+            state.window_counts[key] += 1
         state.window_applied += 1
         state.consecutive_skips = 0
         return
@@ -315,7 +333,9 @@ def _log_window(t: Trainer, state: Loop) -> None:
     """One ``train`` record: the window's mean logs, learning rate, throughput, skipped steps."""
     elapsed = time.perf_counter() - state.t_window
     # the window's device values (see ngkit.engine.step) reach the host here, once per log interval
-    means = host_floats({k: v / max(1, state.window_applied) for k, v in state.window.items()})
+    # each key over the applied steps that reported it (all of them, but for logs measured only
+    # on the steps whose logs are read: ngkit.components.LOGS_READ)
+    means = host_floats({k: v / max(1, state.window_counts[k]) for k, v in state.window.items()})
     record = {"kind": "train", "step": state.step, **means}
     record["lr"] = t.engine.get_lr()[0]
     record["images_per_s"] = state.window_steps * t.facts["global_batch"] / max(elapsed, 1e-9)
@@ -325,6 +345,7 @@ def _log_window(t: Trainer, state: Loop) -> None:
         get_plugin_manager().hook.on_step_end(run=t.run, step=state.step, logs=record)
     t.progress.update(state.step, record)
     state.window.clear()
+    state.window_counts.clear()
     state.window_steps, state.window_applied, state.t_window = 0, 0, time.perf_counter()
 
 
