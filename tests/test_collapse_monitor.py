@@ -26,6 +26,10 @@ def test_progress_warns_once_per_kind(capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("code collapse") == 2, err
     assert "step 2: per-token entropy 0.05" in err and "step 4: code perplexity 2.5" in err
+    # each kind says what it means: near-certain codes per image (the update vanishes) vs few codes in use
+    lines = " ".join(err.split())
+    assert "0.1. Each image's codes are nearly certain: its K samples coincide" in lines
+    assert "of 256 codes. The encoder uses a handful of codes" in lines
 
 
 def test_compare_table_flags_collapsed_seeds() -> None:

@@ -81,9 +81,11 @@ class TrainProgress:
             kind = reason.split(" ")[0]
             if self.enabled and kind not in self.warned:
                 self.warned.add(kind)
+                what = ("Each image's codes are nearly certain: its K samples coincide and the DAPS update "
+                        "vanishes" if kind == "per-token" else "The encoder uses a handful of codes")
                 self.progress.console.print(
-                    f"[yellow]warning[/]: code collapse at step {step}: {reason}. The encoder uses a "
-                    "handful of codes; levers in docs/daps.md, 'Code collapse monitor'."
+                    f"[yellow]warning[/]: code collapse at step {step}: {reason}. {what}; levers in "
+                    "docs/daps.md, 'Code collapse monitor'."
                 )
         self.progress.update(
             self.task, completed=step, live="  ".join(f"{k} {v}" for k, v in self.live.items())
