@@ -218,6 +218,11 @@ class Daps(CategoricalVAE):
         logp = pixels.flatten(1).sum(-1).view(k, b)
         return logp, patch_rewards(pixels.detach(), self.latent.grid).view(k, b, -1)
 
+    @property
+    def post_step_pass(self) -> bool:  # type: ignore[override]
+        """The projection measures the step's KL after the optimiser step (ngkit bench's floor)."""
+        return self.project_bound > 0
+
     def _snapshot_encoder(self) -> list[Tensor]:
         """θ_old for the projection: copies of the encoder's parameters before the optimiser step.
         Refused where the optimiser does not step these tensors themselves (ZeRO 1-3 partitions,

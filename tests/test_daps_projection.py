@@ -85,6 +85,9 @@ def test_every_step_ends_inside_the_bound_and_on_the_segment(lr: float, bound: f
     encoder, decoder = toy_pair(tokens=2, codes=3)
     method = Daps(encoder=encoder, decoder=decoder, beta=Constant(0.1), samples=8, proxy=DapsProxy(),
                   step_size=KlBoundEta(), trust_region=bound, trust_region_mode="project")
+    assert method.post_step_pass  # declared, so ngkit bench counts the pass in the floor
+    assert not Daps(encoder=encoder, decoder=decoder, beta=Constant(0.1), step_size=KlBoundEta(),
+                    trust_region=bound).post_step_pass  # the penalty needs no pass after the step
     opt = torch.optim.Adam(method.parameters(), lr=lr)
     x = _images()
     projected = 0

@@ -11,7 +11,8 @@ from tiny_recipe import tiny
 import ngkit_plugins.daps_method as daps_method
 from ngkit.components import LOGS_READ
 from ngkit.engine.artifacts import read_jsonl
-from ngkit.engine.train_loop import logs_read_at, train
+from ngkit.engine.step import logs_read_at
+from ngkit.engine.train_loop import train
 from ngkit.recipe import parse_recipe
 
 

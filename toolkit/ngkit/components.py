@@ -260,6 +260,9 @@ class Method(nn.Module):
     """Declared capability: codes can be drawn from q(z|x) with ``sample_codes(x)`` (export
     writes ``sample: true``, ``Tokenizer.encode(sample=True)`` and ``ngkit eval --codes sample``
     work)."""
+    post_step_pass: bool = False
+    """Declared cost: the update needs one gradient-free encoder pass after the optimiser step
+    (DAPS projecting its step into the trust region), which ``ngkit bench`` counts in the floor."""
 
     def forward(self, x: Tensor, step: int) -> StepOutput:  # type: ignore[override]
         raise NotImplementedError

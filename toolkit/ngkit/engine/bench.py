@@ -23,7 +23,7 @@ from ngkit.data import TrainBatches
 from ngkit.engine.build import build
 from ngkit.engine.deepspeed_engine import DTYPES, denormal_mode, make_engine
 from ngkit.engine.distributed import init_distributed, pick_device, set_accelerator_env
-from ngkit.engine.step import PhaseTimer, StepPlan, instrument, train_step
+from ngkit.engine.step import PhaseTimer, StepPlan, instrument, logs_read_at, train_step
 from ngkit.engine.seeding import seed_everything
 from ngkit.recipe import Recipe
 
@@ -140,7 +140,7 @@ def time_method(
         for step in range(1, warmup + steps + 1):
             timer.seconds.clear()
             # as the training loop runs it: logs measured only when read are measured at log steps
-            read = LOGS_READ.set(step % recipe.run.log_every == 0)
+            read = LOGS_READ.set(logs_read_at(step, recipe.run.log_every, warmup + steps))
             start = timer.now()
             try:
                 result = train_step(engine, batches, step, plan, timer=timer)
@@ -163,7 +163,7 @@ def time_method(
     if floor and isinstance(encoder, Encoder) and isinstance(decoder, Decoder) and timing.samples:
         x = next(batches).to(device, dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            post_step = getattr(engine.module, "project_bound", 0) > 0  # DAPS's projection
+            post_step = bool(getattr(engine.module, "post_step_pass", False))  # declared by the method
             parts = floor_parts(encoder, decoder, timing.samples, x, steps, timer, post_step)
         timing.floor_parts_ms = {n: 1e3 * s for n, s in parts.items()}
         timing.floor_ms = sum(timing.floor_parts_ms.values())

@@ -221,3 +221,11 @@ def train_step(
     finally:
         DEFER_LOGS.reset(deferred)
     return StepResult(guard.applied, logs, stop, save_due, images)
+
+
+def logs_read_at(step: int, log_every: int, steps: int, seconds: float = 0.0, elapsed: float = 0.0,
+                 step_s: float = 0.0) -> bool:
+    """Whether step ``step``'s logs will be read: it closes a log window (a multiple of
+    ``log_every``, or the last step), or, under a ``[run] seconds`` budget, the budget may run out
+    within it or the next one (``elapsed`` seconds run so far, the last step took ``step_s``)."""
+    return step % log_every == 0 or step == steps or bool(seconds and elapsed + 2 * step_s >= seconds)

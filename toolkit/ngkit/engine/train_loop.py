@@ -37,7 +37,7 @@ from ngkit.engine.progress import TrainProgress
 from ngkit.engine.run_info import RunInfo
 from ngkit.engine.seeding import rng_state, seed_everything, set_rng_state
 from ngkit.engine.signals import StopSignals
-from ngkit.engine.step import StepPlan, host_floats, train_step
+from ngkit.engine.step import StepPlan, host_floats, logs_read_at, train_step
 from ngkit.errors import NgkitError, RunStopped, TrainingError
 from ngkit.losses import STATE_KEY as LOSSES_KEY, WeightedLoss, attach_losses, build_losses, load_losses_state, losses_state
 from ngkit.plugins import get_plugin_manager, get_registry
@@ -112,7 +112,6 @@ class Loop:
     window: dict[str, Any] = field(default_factory=lambda: defaultdict(float))
     window_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # applied steps with the key
     window_steps: int = 0
-    window_applied: int = 0
     t_window: float = field(default_factory=time.perf_counter)
 
 
@@ -293,14 +292,6 @@ def loop(t: Trainer, start: Start, signals: StopSignals) -> Loop:
     return state
 
 
-def logs_read_at(step: int, log_every: int, steps: int, seconds: float = 0.0, elapsed: float = 0.0,
-                 step_s: float = 0.0) -> bool:
-    """Whether step ``step``'s logs will be read: it closes a log window (a multiple of
-    ``log_every``, or the last step), or, under a ``[run] seconds`` budget, the budget may run out
-    within it or the next one (``elapsed`` seconds run so far, the last step took ``step_s``)."""
-    return step % log_every == 0 or step == steps or bool(seconds and elapsed + 2 * step_s >= seconds)
-
-
 def expensive(metric: str) -> bool:
     """A metric's declared ``expensive`` (its factory's attribute): left out of periodic evals."""
     return bool(getattr(get_registry().entries["metrics"][metric].factory, "expensive", False))
@@ -314,7 +305,6 @@ def _count(t: Trainer, state: Loop, applied: bool, logs: dict[str, Any]) -> None
         for key, value in logs.items():
             state.window[key] += value
             state.window_counts[key] += 1
-        state.window_applied += 1
         state.consecutive_skips = 0
         return
     state.skipped += 1
@@ -346,7 +336,7 @@ def _log_window(t: Trainer, state: Loop) -> None:
     t.progress.update(state.step, record)
     state.window.clear()
     state.window_counts.clear()
-    state.window_steps, state.window_applied, state.t_window = 0, 0, time.perf_counter()
+    state.window_steps, state.t_window = 0, time.perf_counter()
 
 
 def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
