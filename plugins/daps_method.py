@@ -26,6 +26,7 @@ from ngkit.components import (
     Register,
     StepOutput,
     StepSizePolicy,
+    TokenLogProb,
     host_logs,
     logs_read,
 )
@@ -34,10 +35,11 @@ from ngkit.methods.beta import reward_scale
 from ngkit.methods.categorical_vae import CategoricalVAE, DeadCodeSplitter
 from ngkit.methods.marginal import marginal_kl as code_marginal_kl
 from ngkit.methods.trust_region import EncoderTrustRegion, project_step, token_kl
+from ngkit_plugins.daps_first_order import dense_token_proxy, first_order_rewards
 from ngkit_plugins.daps_proxy import patch_rewards
 
 TrustRegionMode = Literal["penalty", "project"]
-Credit = Literal["sequence", "token"]
+Credit = Literal["sequence", "token", "first-order"]
 
 NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
@@ -68,6 +70,7 @@ class Daps(CategoricalVAE):
         credit: Credit = "sequence",
         marginal_kl: float = 0.0,
         token_entropy: float = 0.0,
+        first_order_curvature: float = 0.0,
     ) -> None:
         """``split_dead_codes``: every that many steps, codes drawn less than ``split_below``
         times their uniform share take over part of a used code (:class:`DeadCodeSplitter`);
@@ -101,13 +104,20 @@ class Daps(CategoricalVAE):
             raise ValueError(
                 f'method "{self.name}": trust_region_mode must be "penalty" or "project", got {trust_region_mode!r}'
             )
-        if credit not in ("sequence", "token"):
-            raise ValueError(f'method "{self.name}": credit must be "sequence" or "token", got {credit!r}')
-        if credit == "token" and encoder.autoregressive:
+        if credit not in ("sequence", "token", "first-order"):
             raise ValueError(
-                f'method "{self.name}": credit = "token" needs a factorised encoder (the per-token '
+                f'method "{self.name}": credit must be "sequence", "token" or "first-order", got {credit!r}'
+            )
+        if credit != "sequence" and encoder.autoregressive:
+            raise ValueError(
+                f'method "{self.name}": credit = "{credit}" needs a factorised encoder (the per-token '
                 "proxy is exact only when q(z|x) = prod_l q(z_l|x)); set `[model.encoder] factorised = "
                 'true`, or credit = "sequence"'
+            )
+        if credit == "first-order" and not isinstance(getattr(step_size, "bound", None), float | int):
+            raise ValueError(
+                f'method "{self.name}": credit = "first-order" solves eta for a KL bound on all codes; '
+                'set `[method.step_size] name = "kl"` (its bound, in nats per token, is used)'
             )
         if credit == "token" and type(decoder).pixel_log_prob is Decoder.pixel_log_prob:
             raise ValueError(
@@ -133,6 +143,9 @@ class Daps(CategoricalVAE):
         if token_entropy < 0:
             raise ValueError(f'method "{self.name}": token_entropy must be >= 0, got {token_entropy}')
         self.marginal_weight, self.entropy_weight = marginal_kl, token_entropy
+        if first_order_curvature < 0:
+            raise ValueError(f'method "{self.name}": first_order_curvature must be >= 0, got {first_order_curvature}')
+        self.curvature = first_order_curvature
         if trust_region < 0:
             raise ValueError(f'method "{self.name}": trust_region must be >= 0 nats per image, got {trust_region}')
         penalty, project = trust_region > 0 and trust_region_mode == "penalty", trust_region > 0 and trust_region_mode == "project"
@@ -152,6 +165,8 @@ class Daps(CategoricalVAE):
             self._theta_old = self._snapshot_encoder()
         self.splitter.observe(z)
         self._step_batch = (x.detach(), z, self._kl_view(enc.logits.detach()))
+        if self.credit == "first-order":
+            return self._first_order_step(x, z, enc, step)
         if self.credit == "token":
             # Per token: reward r_l, log q_l(z_l|x) [K, B, L]; the proxy treats each (image, token)
             # as one column [K, B*L] (docs/daps.md, "Per-token credit").
@@ -175,15 +190,8 @@ class Daps(CategoricalVAE):
         trust_stats = self._trust_region_penalty(self.trust) if self.trust is not None else {}
         if trust_stats:
             loss = loss + trust_stats["tr_penalty"]
-        usage_stats = {}
-        if self.marginal_weight > 0:  # per image, like the policy loss's sum over the L tokens
-            usage = code_marginal_kl(self._kl_view(enc.logits))
-            loss = loss + self.marginal_weight * self.latent.tokens * usage
-            usage_stats["marginal_kl"] = usage.detach()
-        if self.entropy_weight > 0:
-            token_logits = self._kl_view(enc.logits).float()
-            mean_entropy = -(token_logits.exp() * token_logits).sum(-1).mean()
-            loss = loss + self.entropy_weight * self.latent.tokens * mean_entropy
+        usage_loss, usage_stats = self._usage_terms(enc)
+        loss = loss + usage_loss
 
         adv = proxy.advantages
         stats = {
@@ -206,6 +214,56 @@ class Daps(CategoricalVAE):
         logs["beta"] = beta
         if beta != beta_schedule:
             logs["beta_schedule"] = beta_schedule
+        return StepOutput(loss=loss, logs=logs)
+
+    def _usage_terms(self, enc: TokenLogProb) -> tuple[Tensor | float, dict[str, Tensor]]:
+        """γ·L·KL(q̄ ‖ uniform) and γ_e·L·(mean per-token entropy), per image like the policy
+        loss's sum over the L tokens; each only when its weight is > 0."""
+        loss: Tensor | float = 0.0
+        stats: dict[str, Tensor] = {}
+        if self.marginal_weight > 0:
+            usage = code_marginal_kl(self._kl_view(enc.logits))
+            loss = loss + self.marginal_weight * self.latent.tokens * usage
+            stats["marginal_kl"] = usage.detach()
+        if self.entropy_weight > 0:
+            token_logits = self._kl_view(enc.logits).float()
+            mean_entropy = -(token_logits.exp() * token_logits).sum(-1).mean()
+            loss = loss + self.entropy_weight * self.latent.tokens * mean_entropy
+        return loss, stats
+
+    def _first_order_step(self, x: Tensor, z: Tensor, enc: TokenLogProb, step: int) -> StepOutput:
+        """``credit = "first-order"``: every code of every token scored by the decoder's gradient
+        at the K samples, the proxy on all V codes, the encoder fitted by cross-entropy to it
+        (:mod:`ngkit_plugins.daps_first_order`). The decoder's loss is DAPS's, −mean log p."""
+        logp, reward = first_order_rewards(self.decoder, x, z, self.latent.codes, self.curvature)  # [K, B], [B, L, V]
+        beta = float(self.beta(step))
+        logq = self._kl_view(enc.logits)[0]  # [B, L, V] log-probabilities, with gradient
+        log_target, eta, kl = dense_token_proxy(logq, reward, float(self.step_size.bound), beta)
+        target = log_target.exp().float()
+        policy_loss = -(target * logq.float()).sum(-1).sum(-1).mean()
+        gen_loss = -logp.mean()
+        usage_loss, usage_stats = self._usage_terms(enc)
+        loss = policy_loss + gen_loss + usage_loss
+        trust_stats = self._trust_region_penalty(self.trust) if self.trust is not None else {}
+        if trust_stats:
+            loss = loss + trust_stats["tr_penalty"]
+        centred = reward - (logq.detach().exp() * reward).sum(-1, keepdim=True)  # E_q-centred r^
+        stats = {
+            "loss": loss,
+            "policy_loss": policy_loss,
+            "gen_loss": gen_loss,
+            "eta": eta,
+            "kl": kl,  # nats per token, exact KL(q~_l || q_l) averaged over images and tokens
+            "logp": logp.detach().mean(),
+            "logq": enc.logq.detach().mean(),
+            "entropy": enc.entropy.detach().mean(),
+            "advantage_std": centred.std(-1).mean(),  # spread of r^ over the V codes
+            "weight_max": target.amax(-1).mean(),  # the proxy's largest code probability
+            **usage_stats,
+            **trust_stats,
+        }
+        logs = host_logs(stats)
+        logs["beta"] = beta
         return StepOutput(loss=loss, logs=logs)
 
     def _token_rewards(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,11 +318,13 @@ class Daps(CategoricalVAE):
         """Let the step-size policy adapt on the batch of the step just taken (with gradient
         accumulation: the last micro-batch), measure the encoder's real step on it
         (``encoder_kl``) and, with a trust region, take the dual step on α."""
-        if self._last is None:
+        if self._last is None and self._step_batch is None:
             return {}
-        logp, logq, beta = self._last
-        self._last = None
-        logs = self.step_size.update(logp, logq, beta)
+        logs: dict[str, float] = {}
+        if self._last is not None:  # credit = "first-order" solves its own η: no policy update
+            logp, logq, beta = self._last
+            self._last = None
+            logs = self.step_size.update(logp, logq, beta)
         logs.update(self._measure_step())
         return {**logs, **self.splitter.maybe_split(step, self.encoder, self.decoder)}
 

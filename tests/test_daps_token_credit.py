@@ -131,5 +131,5 @@ def test_token_credit_needs_a_factorised_encoder_and_pixel_likelihoods() -> None
     encoder, decoder = toy_pair()
     with pytest.raises(ValueError, match="no pixel_log_prob"):
         Daps(encoder=encoder, decoder=decoder, beta=Constant(0.1), step_size=KlBoundEta(), credit="token")
-    with pytest.raises(ValueError, match='credit must be "sequence" or "token"'):
+    with pytest.raises(ValueError, match='credit must be "sequence", "token" or "first-order"'):
         Daps(encoder=encoder, decoder=decoder, beta=Constant(0.1), step_size=KlBoundEta(), credit="patch")
