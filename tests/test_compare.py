@@ -9,7 +9,7 @@ import math
 import tomli_w
 
 from ngkit.cli.main import main
-from ngkit.compare import SECONDS_HEADROOM
+from ngkit.compare import CALIBRATION_STEPS, SECONDS_HEADROOM
 from ngkit.recipe import parse_recipe, variant_raw
 from tiny_recipe import tiny
 
@@ -73,10 +73,15 @@ def test_compare_by_seconds_gives_every_run_the_same_wall_clock(tmp_path):
     assert "1.5 s of training" in data["budget"]
     for run in data["runs"]:
         label = run["variant"]
-        # schedules span the calibration's prediction for 1.5 s (10 timed steps) with headroom ...
-        calibration = json.loads((out / "calibration" / label / "summary.json").read_text())
-        assert calibration["step"] == 10
-        per_step = calibration["train_seconds"] / 10
+        # schedules span the calibration's prediction for 1.5 s with headroom: the difference of a
+        # 5- and a 25-step run per step, so start-up costs cancel ...
+        timed = []
+        for steps in CALIBRATION_STEPS:
+            calibration = json.loads((out / "calibration" / label / f"steps-{steps}" / "summary.json").read_text())
+            assert calibration["step"] == steps
+            timed.append(calibration["train_seconds"])
+        per_step = (timed[1] - timed[0]) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+        per_step = per_step if per_step > 0 else timed[1] / CALIBRATION_STEPS[1]
         assert data["steps"][label] == max(1, math.ceil(SECONDS_HEADROOM * 1.5 / per_step))
         # ... and the run itself stops at its first step past 1.5 s, unless its steps ran out first
         if run["stopped_by"] == "time":
@@ -93,3 +98,21 @@ def test_compare_rejects_a_budget_of_no_seconds(tmp_path, capsys):
     recipe.write_text(tomli_w.dumps(tiny()))
     assert main(["compare", str(recipe), "--seconds", "0", "--out", str(tmp_path / "o")]) == 2
     assert "positive number of seconds" in capsys.readouterr().err
+
+
+def test_compare_warns_when_a_run_runs_out_of_steps_before_its_seconds(tmp_path, capsys, monkeypatch):
+    """A calibration that overestimates a step (here: 100 s) lays out too few steps; the run then
+    ends by steps long before S, and compare says that row is not at equal wall clock."""
+    import ngkit.compare as compare_module
+
+    fsq = {"method": {"name": "fsq", "quantizer": {"name": "fsq", "levels": [4, 4]}}}
+    raw = tiny(run={"steps": 3, "eval_every": 0, "checkpoint_every": 0}, eval={"metrics": ["mse"], "num_images": 8},
+               compare={"variants": {"fsq": fsq}, "seeds": [0]})
+    recipe = tmp_path / "cmp.toml"
+    recipe.write_text(tomli_w.dumps(raw))
+    monkeypatch.setattr(compare_module, "_calibrate", lambda variant, source, out: 100.0)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(recipe), "--seconds", "30", "--out", str(out)]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["step"] == 1 and run["stopped_by"] == "steps" and run["train_seconds"] < 30
+    assert "ran out of its 1 steps" in " ".join(capsys.readouterr().err.split())

@@ -37,6 +37,8 @@ console = Console(stderr=True)
 # (10 steps, data loader start-up included) usually overestimates a step's time, and a run that
 # ran out of steps before its seconds would not be an equal-wall-clock run.
 SECONDS_HEADROOM = 1.25
+# The two calibration runs' steps: their difference times one step, without start-up costs.
+CALIBRATION_STEPS = (5, 25)
 
 # Columns of the table: (result key, header, format); lower-is-better marked in the header.
 COLUMNS = [
@@ -94,18 +96,25 @@ def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _calibrate(variant: Variant, source: str, out: Path, steps: int) -> float:
-    """Seconds per training step of a variant, from a short run without evaluation."""
+def _calibrate(variant: Variant, source: str, out: Path) -> float:
+    """Seconds per training step of a variant: the difference of two short runs without
+    evaluation (CALIBRATION_STEPS), divided by their difference in steps, so the start-up and
+    first steps' one-off costs (allocation, warm-up: seconds, where a small model's step takes
+    tens of milliseconds) cancel instead of being spread over the steps."""
     from ngkit.engine.train_loop import train
 
-    raw = apply_overrides(
-        variant.raw,
-        [f"run.steps={steps}", "run.eval_every=0", "run.checkpoint_every=0", "eval.num_images=8",
-         'eval.metrics=["mse"]'],
-        source,
-    )
-    result = train(parse_recipe(raw, source), out, quiet=True)
-    return result.summary["train_seconds"] / steps
+    seconds = []
+    for steps in CALIBRATION_STEPS:
+        raw = apply_overrides(
+            variant.raw,
+            [f"run.steps={steps}", "run.eval_every=0", "run.checkpoint_every=0", "eval.num_images=8",
+             'eval.metrics=["mse"]'],
+            source,
+        )
+        seconds.append(train(parse_recipe(raw, source), out / f"steps-{steps}", quiet=True).summary["train_seconds"])
+    short, long = CALIBRATION_STEPS
+    per_step = (seconds[1] - seconds[0]) / (long - short)
+    return per_step if per_step > 0 else seconds[1] / long  # timing noise above the signal: the mean
 
 
 def run_compare(
@@ -128,7 +137,7 @@ def run_compare(
     budgets: dict[str, int] = {}
     for variant in chosen:
         if seconds is not None:
-            per_step = _calibrate(variant, str(source), out / "calibration" / variant.label, steps=10)
+            per_step = _calibrate(variant, str(source), out / "calibration" / variant.label)
             budgets[variant.label] = max(1, math.ceil(SECONDS_HEADROOM * seconds / per_step))
             console.print(f"[bold]{variant.label}[/]: {per_step:.3f} s/step -> schedules over "
                           f"{budgets[variant.label]} steps, stopped at {seconds:g} s")
@@ -157,6 +166,12 @@ def run_compare(
             row = {"variant": variant.label, "method": parsed.method.name, "seed": seed, "run_dir": str(run_dir),
                    "wall_seconds": time.perf_counter() - t0, **_flatten(summary)}
             row["collapse"] = collapse_reason(row, row.get("codes"))
+            if seconds is not None and row["stopped_by"] == "steps" and row["train_seconds"] < seconds:
+                console.print(
+                    f"[yellow]warning:[/] {variant.label} seed {seed} ran out of its {row['step']} steps at "
+                    f"{row['train_seconds']:.1f} s < {seconds:g} s: not an equal-wall-clock run (the "
+                    "calibration overestimated a step); rerun with a longer --seconds"
+                )
             rows.append(row)
     table = aggregate(rows)
     write_outputs(out, rows, table, seeds, steps, seconds, budgets)
