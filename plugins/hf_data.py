@@ -79,7 +79,8 @@ def _open(value: Any, channels: int, min_side: int | None = None) -> Image.Image
 
 
 def _resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None, flip: bool) -> Tensor:
-    """Shorter side to ``size`` (bicubic, antialiased), then a random (train) or centre crop.
+    """Shorter side to ``size`` (bicubic, antialiased), then a random (train) or centre crop, as
+    a uint8 ``[C, H, W]`` view (training examples are uint8: the core converts once per batch).
 
     Only the crop is resampled: Pillow's ``resize(box=...)`` with the box in the input that maps
     exactly onto the crop of the resized image (each axis scaled by its own rounded size, as
@@ -102,8 +103,12 @@ def _resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None, f
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = torch.from_numpy(np.array(img))  # uint8 [H, W] or [H, W, C], writable
     arr = arr[..., None] if arr.ndim == 2 else arr  # grey: [H, W] -> [H, W, 1]
-    # one pass to float CHW, one in-place division: the same float32 values as x / 255.0 in numpy
-    return arr.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    return arr.permute(2, 0, 1)  # a [C, H, W] view: the core converts the whole batch to float once
+
+
+def _to_float(img: Tensor) -> Tensor:
+    """uint8 ``[C, H, W]`` -> contiguous float32 in [0, 1], x / 255 (as the core's batches)."""
+    return img.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def _name(value: Any, fallback: str) -> str:
@@ -212,7 +217,7 @@ class HFImages:
         values = itertools.islice(self._values(self._split(self.test_split)), shard, limit, num_shards)
         for i, value in zip(itertools.count(shard, num_shards), values):
             try:
-                yield _resize_crop(_open(value, self.channels, self.size), self.size, None, False)
+                yield _to_float(_resize_crop(_open(value, self.channels, self.size), self.size, None, False))
             except Exception as exc:
                 raise DataError(
                     f"hf: held-out image {_name(value, str(i))} of split {self.test_split!r} is unreadable "

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from image_sets import image_id, write_imagefolder, write_parquet
-from ngkit.data import Position, TrainBatches, check_dataset
+from ngkit.data import Position, TrainBatches, check_dataset, pixels
 from ngkit.errors import DataError
 from ngkit_plugins.hf_data import HFImages
 
@@ -25,11 +25,13 @@ def folder(tmp_path_factory) -> Path:
 
 
 def first_epoch(data, shard=0, num_shards=1):
-    return [e.load() for e in data.train(seed=0, epoch=0, shard=shard, num_shards=num_shards)]
+    """Epoch 0's training images as the core's batches see them (uint8 examples, x / 255)."""
+    return [pixels(e.load()) for e in data.train(seed=0, epoch=0, shard=shard, num_shards=num_shards)]
 
 
 def test_train_epoch_is_resized_and_in_range(folder):
     data = HFImages(path="imagefolder", data_dir=str(folder), image_size=32)
+    assert all(e.load().dtype == torch.uint8 for e in data.train(seed=0, epoch=0, shard=0, num_shards=1))
     images = first_epoch(data)
     assert len(images) == 6
     assert all(img.shape == (3, 32, 32) and img.dtype == torch.float32 for img in images)

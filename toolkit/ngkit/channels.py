@@ -51,7 +51,10 @@ def converted_spec(spec: ImageSpec, channels: int) -> ImageSpec:
 
 
 def _load(load: Any, channels: int) -> Tensor:
-    return convert(load(), channels)
+    img = load()
+    if img.dtype == torch.uint8 and img.shape[0] != 1:  # luma weights are float: to [0, 1] first
+        img = img.to(torch.float32).div_(255.0)
+    return convert(img, channels)  # grey repeated stays uint8 (the core converts the batch)
 
 
 class WithChannels:

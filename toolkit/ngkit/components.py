@@ -89,7 +89,7 @@ class Example:
 
     The core skips the examples another DataLoader worker will decode (and, on resume, the ones
     already trained on) without loading them. ``load`` returns a ``[C, H, W]`` float image in
-    [0, 1]; it raises for an unreadable file, which the core skips, counts and names once."""
+    [0, 1], or uint8 in 0-255 (the core divides by 255 once per batch); it raises for an unreadable file, which the core skips, counts and names once."""
 
     load: Callable[[], Tensor]
     name: str = ""  # shown in warnings about unreadable images, e.g. the file name

@@ -65,16 +65,36 @@ class Position:
     start: int = 0
 
 
-def _check(img: Any, shape: tuple[int, ...], where: str, values: bool = True) -> Tensor:
-    """``img`` as a float tensor of ``shape``; ``values``: also refuse non-finite pixels (the
-    training batches check those once per batch instead, :func:`_check_values`)."""
+def pixels(img: Tensor) -> Tensor:
+    """A dataset's image as float in [0, 1]: uint8 (0-255, what ``Example.load`` may return) is
+    divided by 255 in float32, anything else is cast to float."""
+    return img.to(torch.float32).div_(255.0) if img.dtype == torch.uint8 else img.float()
+
+
+def _check(img: Any, shape: tuple[int, ...], where: str, values: bool = True, raw: bool = False) -> Tensor:
+    """``img`` as a float tensor of ``shape`` (``raw``: as it came, uint8 or float, for
+    :func:`_stack`); ``values``: also refuse non-finite pixels (the training batches check those
+    once per batch instead, :func:`_check_values`)."""
     if not isinstance(img, Tensor):
-        raise DataError(f"{where} is a {type(img).__name__}, expected a [C, H, W] float tensor")
+        raise DataError(f"{where} is a {type(img).__name__}, expected a [C, H, W] float or uint8 tensor")
     if tuple(img.shape) != shape:
         raise DataError(f"{where} has shape {tuple(img.shape)}, expected {shape}")
     if values and not _finite(img):
         raise DataError(f"{where} has non-finite pixels (corrupt data?)")
-    return img.float()
+    return img if raw else pixels(img)
+
+
+def _stack(images: list[Tensor], shape: tuple[int, ...]) -> Tensor:
+    """``[B, *shape]`` float32: each image converted straight into its place in the batch (a
+    uint8 one divided by 255, the same float32 values as :func:`pixels`), no per-image float
+    copy and no second pass to stack (0.6 ms of a 256x256 crop's ~3.5 ms; benchmarks/data.py)."""
+    out = torch.empty((len(images), *shape), dtype=torch.float32)
+    for slot, img in zip(out, images):
+        if img.dtype == torch.uint8:
+            torch.div(img, 255.0, out=slot)
+        else:
+            slot.copy_(img)
+    return out
 
 
 def _finite(img: Tensor) -> bool:
@@ -147,9 +167,10 @@ class _Batches(IterableDataset):
                     bad.append((name, f"{type(exc).__name__}: {exc}"))
                     continue
                 wheres.append(f"training image {name!r} of rank {self.rank}")
-                images.append(_check(img, self.shape, wheres[-1], values=False))
-            stacked = torch.stack(images) if images else torch.empty((0, *self.shape))  # all unreadable
-            _check_values(stacked, wheres)
+                images.append(_check(img, self.shape, wheres[-1], values=False, raw=True))
+            stacked = _stack(images, self.shape)  # [0, ...] when all were unreadable
+            if any(img.dtype != torch.uint8 for img in images):  # uint8 pixels are finite
+                _check_values(stacked, wheres)
             yield {"images": stacked, "end": chunk[-1][1], "read": len(chunk), "bad": bad}
 
 

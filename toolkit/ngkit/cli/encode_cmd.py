@@ -110,7 +110,9 @@ def dataset_items(dataset: Any, split: str, num_images: int | None, seed: int) -
             "give --num-images N to encode its first N images"
         )
     stream = dataset.train(seed=seed, epoch=0, shard=0, num_shards=1)
-    return ((example.load(), None) for example in itertools.islice(stream, num_images)), False
+    from ngkit.data import pixels
+
+    return ((pixels(example.load()), None) for example in itertools.islice(stream, num_images)), False
 
 
 def resolve_dataset(target: Path, data: str | None) -> tuple[Any, dict[str, Any]]:

@@ -132,9 +132,11 @@ class _TrainAsTest:
     def test(self, *, shard: int, num_shards: int, limit: int | None):
         import itertools
 
+        from ngkit.data import pixels
+
         stream = self.dataset.train(seed=self.seed, epoch=0, shard=shard, num_shards=num_shards)
         share = None if limit is None else (limit - shard + num_shards - 1) // num_shards
-        return (example.load() for example in itertools.islice(stream, share))
+        return (pixels(example.load()) for example in itertools.islice(stream, share))
 
 
 def write_reference_stats(

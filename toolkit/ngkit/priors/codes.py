@@ -33,7 +33,9 @@ def _split(dataset: ImageDataset, split: str) -> tuple[list[Tensor], list[int] |
         return list(dataset.test(shard=0, num_shards=1, limit=None)), None
     if getattr(dataset, "endless", False):
         raise DataError("a prior needs a dataset with a finite training split (this one draws images forever)")
-    return [ex.load() for ex in dataset.train(seed=0, epoch=0, shard=0, num_shards=1)], None
+    from ngkit.data import pixels
+
+    return [pixels(ex.load()) for ex in dataset.train(seed=0, epoch=0, shard=0, num_shards=1)], None
 
 
 def encode_all(tokenizer: Tokenizer, images: list[Tensor]) -> Tensor:
