@@ -32,7 +32,7 @@ def imported(path: Path) -> list[tuple[str, int]]:
 def test_the_documented_lists_are_read():
     assert {"ngkit", "ngkit.components", "ngkit.distributed", "ngkit.methods", "ngkit.nn"} <= PUBLIC
     assert not any(name.startswith("ngkit.engine") for name in PUBLIC)
-    assert INTERNAL == {"ngkit_plugins.conv_decoder", "ngkit_plugins.daps_proxy"}
+    assert INTERNAL == {"ngkit_plugins.conv_decoder", "ngkit_plugins.daps_proxy", "ngkit_plugins.daps_first_order"}
 
 
 def test_no_module_of_the_core_imports_ngkit_plugins():
