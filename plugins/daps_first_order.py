@@ -25,43 +25,43 @@ r^_l is the exact reward difference and q~ is the exact per-token proxy (tests/t
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ngkit.components import Decoder
+from ngkit_plugins.daps_proxy import solve_log_eta
 
-LOG_ETA_MIN, LOG_ETA_MAX = math.log(1e-3), math.log(1e6)
 ITERATIONS = 40  # bisection steps in log η: bracket (log 1e9 ≈ 20.7) / 2^40, far below float precision of use
+
+LogProb = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def first_order_rewards(
-    decoder: Decoder, x: Tensor, z: Tensor, codes: int, curvature: float = 0.0
+    log_prob: LogProb, decoder: Decoder, x: Tensor, z: Tensor, codes: int, curvature: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """log p(x|z) ``[K, B]`` with gradient into the decoder, and r^ ``[B, L, V]`` (no gradient):
     the decoder log-likelihood's gradient with respect to each token's one-hot, mean over K.
+    ``log_prob`` is the method's :meth:`CategoricalVAE.decoder_log_prob` (it takes soft one-hots).
 
     ``curvature`` λ > 0 subtracts (λ/2)·‖e_c − h_l‖², the squared distance in the decoder's
-    embedding space from the sample's own embedding h_l to code c's e_c, from each code's
-    linear estimate: a local quadratic model of the reward, so codes far from where the gradient
-    was taken are not credited with its extrapolation (maximising it picks the code nearest to
-    h_l + g_l/λ, a VQ step). It needs an embedding without position terms (every built-in one):
-    e_c = ``decoder.embed`` of code c's one-hot."""
-    k, b = z.shape[0], z.shape[1]
-    onehot = torch.nn.functional.one_hot(z.flatten(0, 1), codes).to(x.dtype).requires_grad_(True)
-    h = decoder.embed(onehot)
-    params = decoder(h)
-    x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
-    logp = decoder.log_prob(x_rep, params).view(k, b)
+    embedding space from the sample's own embedding h_l = e_(z_l) to code c's e_c, from each
+    code's linear estimate: a local quadratic model of the reward, so codes far from where the
+    gradient was taken are not credited with its extrapolation (maximising it picks the code
+    nearest to h_l + g_l/λ, a VQ step). It needs an embedding without position terms (every
+    built-in one): e_c = ``decoder.embed`` of code c's one-hot."""
+    onehot = torch.nn.functional.one_hot(z, codes).to(x.dtype).requires_grad_(True)  # [K, B, L, V]
+    logp, _ = log_prob(x, onehot)
     (grad,) = torch.autograd.grad(logp.sum(), onehot, retain_graph=True)
-    reward = grad.detach()
+    reward = grad.mean(0)
     if curvature > 0:
         with torch.no_grad():
             table = decoder.embed(torch.eye(codes, dtype=x.dtype, device=x.device).unsqueeze(0))[0]  # [V, d]
+            gram = table @ table.T  # <e_c, e_c'>; <e_c, h_l> = gram[z_l, c]
             # −(λ/2)(‖e_c‖² − 2<e_c, h_l>); ‖h_l‖² is the same for every code and drops out
-            reward = reward - 0.5 * curvature * ((table * table).sum(-1) - 2 * h.detach() @ table.T)
-    return logp, reward.view(k, b, *reward.shape[1:]).mean(0)
+            reward = reward - 0.5 * curvature * (gram.diagonal() - 2 * gram[z].mean(0))
+    return logp, reward
 
 
 def _proxy_logits(logq: Tensor, reward: Tensor, log_eta: Tensor, beta: float) -> Tensor:
@@ -87,11 +87,6 @@ def dense_token_proxy(logq: Tensor, reward: Tensor, bound: float, beta: float) -
     def kl(log_eta: Tensor) -> Tensor:
         return _mean_kl(_proxy_logits(logq64, reward64, log_eta, beta), logq64)
 
-    lo, hi = logq64.new_tensor(LOG_ETA_MIN), logq64.new_tensor(LOG_ETA_MAX)
-    for _ in range(ITERATIONS):  # torch.where, not Python branches: no host sync in the loop
-        mid = 0.5 * (lo + hi)
-        too_far = kl(mid) > bound
-        lo, hi = torch.where(too_far, mid, lo), torch.where(too_far, hi, mid)
-    log_eta = torch.where(kl(lo.new_tensor(LOG_ETA_MIN)) <= bound, lo.new_tensor(LOG_ETA_MIN), hi)
+    log_eta = solve_log_eta(kl, bound, ITERATIONS, logq64)
     log_target = _proxy_logits(logq64, reward64, log_eta, beta)
     return log_target, log_eta.exp(), _mean_kl(log_target, logq64)

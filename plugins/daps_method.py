@@ -235,7 +235,9 @@ class Daps(CategoricalVAE):
         """``credit = "first-order"``: every code of every token scored by the decoder's gradient
         at the K samples, the proxy on all V codes, the encoder fitted by cross-entropy to it
         (:mod:`ngkit_plugins.daps_first_order`). The decoder's loss is DAPS's, −mean log p."""
-        logp, reward = first_order_rewards(self.decoder, x, z, self.latent.codes, self.curvature)  # [K, B], [B, L, V]
+        logp, reward = first_order_rewards(
+            self.decoder_log_prob, self.decoder, x, z, self.latent.codes, self.curvature
+        )  # [K, B], [B, L, V]
         beta = float(self.beta(step))
         logq = self._kl_view(enc.logits)[0]  # [B, L, V] log-probabilities, with gradient
         log_target, eta, kl = dense_token_proxy(logq, reward, float(self.step_size.bound), beta)

@@ -17,16 +17,18 @@ from torch import Tensor, nn
 from ngkit import hookimpl
 from ngkit.components import Register
 from ngkit.distributed import mean_over_ranks
-from ngkit_plugins.daps_proxy import proxy_weights, sample_kl, weight_logits
+from ngkit_plugins.daps_proxy import (
+    ETA_MAX,
+    ETA_MIN,
+    LOG_ETA_MAX,
+    LOG_ETA_MIN,
+    proxy_weights,
+    sample_kl,
+    solve_log_eta,
+    weight_logits,
+)
 
 NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
-
-# Range of η (nats of reward per nat of KL). At 1e-3 a reward gap of 0.05 nats already gives
-# weight ratios of e^-50 (one-hot); at 1e6 weights stay within 1 % of uniform for spreads < 1e4 nats.
-ETA_MIN = 1e-3
-ETA_MAX = 1e6
-LOG_ETA_MIN = math.log(ETA_MIN)
-LOG_ETA_MAX = math.log(ETA_MAX)
 
 
 class FixedEta(nn.Module):
@@ -77,15 +79,7 @@ class KlBoundEta(nn.Module):
         def kl(log_eta: Tensor) -> Tensor:
             return sample_kl(torch.log_softmax(logits / (log_eta.exp() + beta), dim=0))
 
-        # torch.where instead of Python branches: no host-device sync inside the loop.
-        lo, hi = logits.new_tensor(LOG_ETA_MIN), logits.new_tensor(LOG_ETA_MAX)
-        for _ in range(self.iterations):
-            mid = 0.5 * (lo + hi)
-            too_far = kl(mid) > self.bound
-            lo = torch.where(too_far, mid, lo)
-            hi = torch.where(too_far, hi, mid)
-        not_binding = kl(logits.new_tensor(LOG_ETA_MIN)) <= self.bound
-        return torch.where(not_binding, logits.new_tensor(LOG_ETA_MIN), hi).exp()
+        return solve_log_eta(kl, self.bound, self.iterations, logits).exp()
 
     def update(self, logp: Tensor, logq: Tensor, beta: float) -> dict[str, float]:
         return {}

@@ -15,9 +15,10 @@ from toy_models import ToyDecoder, ToyEncoder
 
 from ngkit.components import ImageSpec, LatentSpec
 from ngkit_plugins.beta_schedules import Constant
-from ngkit_plugins.daps_first_order import LOG_ETA_MIN, dense_token_proxy, first_order_rewards
+from ngkit.methods.categorical_vae import CategoricalVAE
+from ngkit_plugins.daps_first_order import dense_token_proxy, first_order_rewards
 from ngkit_plugins.daps_method import Daps, DapsNA
-from ngkit_plugins.daps_proxy import DapsProxy
+from ngkit_plugins.daps_proxy import LOG_ETA_MIN, DapsProxy
 from ngkit_plugins.step_size_policies import FixedEta, KlBoundEta
 
 F64 = torch.float64
@@ -34,6 +35,12 @@ class LinearRewardDecoder(ToyDecoder):
         return x * params
 
 
+def _rewards(decoder: ToyDecoder, x: torch.Tensor, z: torch.Tensor, **kw: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """first_order_rewards through the log-likelihood a method gives it (CategoricalVAE's)."""
+    log_prob = CategoricalVAE(ToyEncoder(IMAGE, LATENT), decoder).decoder_log_prob
+    return first_order_rewards(log_prob, decoder, x, z, codes=3, **kw)
+
+
 def _reward(decoder: ToyDecoder, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return decoder.log_prob(x, decoder(decoder.embed(z)))
@@ -46,7 +53,7 @@ def test_linear_reward_gives_the_exact_difference_of_every_swap() -> None:
     decoder = LinearRewardDecoder(IMAGE, LATENT).double()
     x = torch.rand(3, 1, 4, 4, dtype=F64)
     z = torch.randint(0, 3, (4, 3, 2))  # [K, B, L]
-    logp, rhat = first_order_rewards(decoder, x, z, codes=3)
+    logp, rhat = _rewards(decoder, x, z)
     torch.testing.assert_close(logp, torch.stack([_reward(decoder, x, zk) for zk in z]))
     for k, b, l, c in itertools.product(range(4), range(3), range(2), range(3)):
         swapped = z[k, b].clone()
@@ -62,7 +69,7 @@ def test_nonlinear_reward_is_the_gradient_averaged_over_samples() -> None:
     decoder = ToyDecoder(IMAGE, LATENT).double()
     x = torch.rand(2, 1, 4, 4, dtype=F64)
     z = torch.randint(0, 3, (3, 2, 2))
-    _, rhat = first_order_rewards(decoder, x, z, codes=3)
+    _, rhat = _rewards(decoder, x, z)
     grads = []
     for zk in z:
         onehot = torch.nn.functional.one_hot(zk, 3).double().requires_grad_(True)
@@ -79,15 +86,15 @@ def test_curvature_subtracts_the_squared_embedding_distance() -> None:
     decoder = LinearRewardDecoder(IMAGE, LATENT).double()
     x = torch.rand(2, 1, 4, 4, dtype=F64)
     z = torch.randint(0, 3, (3, 2, 2))
-    _, linear = first_order_rewards(decoder, x, z, codes=3)
-    _, curved = first_order_rewards(decoder, x, z, codes=3, curvature=0.7)
+    _, linear = _rewards(decoder, x, z)
+    _, curved = _rewards(decoder, x, z, curvature=0.7)
     table = decoder.codebook.weight.detach()  # [V, d]
     h = table[z]  # [K, B, L, d]
     distance = ((table[None, None, None] - h.unsqueeze(-2)) ** 2).sum(-1).mean(0)  # [B, L, V]
     expected = linear - 0.35 * distance
     diff = curved - expected
     torch.testing.assert_close(diff - diff[..., :1], torch.zeros_like(diff), rtol=0, atol=1e-10)
-    _, one = first_order_rewards(decoder, x, z[:1], codes=3, curvature=0.7)
+    _, one = _rewards(decoder, x, z[:1], curvature=0.7)
     onehot = torch.nn.functional.one_hot(z[0], 3).double().requires_grad_(True)
     emb = decoder.embed(onehot)
     emb.retain_grad()
@@ -173,7 +180,7 @@ def test_method_loss_is_the_cross_entropy_to_the_dense_proxy() -> None:
     out = method(x, step=1)
     torch.manual_seed(9)
     z, enc = method.encoder.sample_log_prob(x, method.samples)
-    logp, rhat = first_order_rewards(method.decoder, x, z, codes=3)
+    logp, rhat = first_order_rewards(method.decoder_log_prob, method.decoder, x, z, codes=3)
     logq = enc.logits[0]
     log_target, _, kl = dense_token_proxy(logq, rhat, 0.5, 0.1)
     expected = -(log_target.exp() * logq.detach().double()).sum((-1, -2)).mean()

@@ -33,9 +33,8 @@ from ngkit.recipe import Recipe, apply_overrides, parse_recipe, variant_raw
 
 console = Console(stderr=True)
 
-# Steps laid out per run under --seconds, as a multiple of the calibrated prediction: calibration
-# (10 steps, data loader start-up included) usually overestimates a step's time, and a run that
-# ran out of steps before its seconds would not be an equal-wall-clock run.
+# Steps laid out per run under --seconds, as a multiple of the calibrated prediction: a run that
+# ran out of steps before its seconds would not be an equal-wall-clock run (compare warns if one does).
 SECONDS_HEADROOM = 1.25
 # The two calibration runs' steps: their difference times one step, without start-up costs.
 CALIBRATION_STEPS = (5, 25)
