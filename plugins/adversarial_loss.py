@@ -39,7 +39,7 @@ from ngkit.components import ImageSpec, Register
 from ngkit.distributed import mean_over_ranks
 from ngkit.errors import NgkitError
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 def patch_discriminator(channels: int, width: int = 64, layers: int = 3) -> nn.Sequential:

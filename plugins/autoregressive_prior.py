@@ -17,7 +17,7 @@ from ngkit import hookimpl
 from ngkit.components import LatentSpec, Register, StepOutput, host_logs
 from ngkit.priors.base import Block, Prior, draw, filter_logits, guided
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 EMBED_INIT_STD = 0.02
 

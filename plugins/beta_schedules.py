@@ -19,7 +19,7 @@ from typing import Literal
 from ngkit import hookimpl
 from ngkit.components import Register
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 Relative = Literal["none", "advantage_spread"]
 RELATIVE = ("none", "advantage_spread")

@@ -20,7 +20,7 @@ from ngkit.components import EvalBatch, LatentSpec, Register
 from ngkit.distributed import sum_over_ranks
 from ngkit.errors import NgkitError
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 class CodeUsageMetric:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ngkit import hookimpl
 from ngkit.components import Decoder, ImageSpec, LatentSpec, Register, pixel_stats
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 LOG_2PI = math.log(2 * math.pi)
 MIN_VAR, MAX_VAR = 0.01, 1.0  # variance clip in standardised units (DAPS paper, decoder)

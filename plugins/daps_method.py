@@ -41,7 +41,7 @@ from ngkit_plugins.daps_proxy import patch_rewards
 TrustRegionMode = Literal["penalty", "project"]
 Credit = Literal["sequence", "token", "first-order"]
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 class Daps(CategoricalVAE):

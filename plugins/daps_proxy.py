@@ -29,7 +29,7 @@ from torch import Tensor
 from ngkit import hookimpl
 from ngkit.components import ProxyWeights, Register
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 Baseline = Literal["logsumexp", "mean"]
 

@@ -24,7 +24,7 @@ from ngkit import hookimpl
 from ngkit.components import Example, ImageSpec
 from ngkit.errors import DataError
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 # Photographs (not synthetic patterns) that scikit-image ships in its wheel.
 TRAIN_PHOTOS = ["astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "motorcycle_left"]

@@ -34,7 +34,7 @@ from ngkit.errors import DataError, NgkitError, WeightsError
 from ngkit.weights import find_weights, load_weights, sha256_of
 from ngkit.metrics.inception import FEATURE_DIM, INPUT_SIZE, FIDInceptionV3
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 RESIZE = f"bilinear to {INPUT_SIZE}x{INPUT_SIZE} (align_corners=False, no antialiasing), [0,1]→[-1,1]"
 NETWORK = "Inception-v3 (TF inception-2015-12-05, pytorch-fid port), 2048-d pool features"

@@ -14,7 +14,7 @@ from ngkit.components import EvalBatch, Register
 from ngkit.errors import NgkitError
 from ngkit.priors.scores import distinct_fraction
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 def _gather_rows(rows: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from ngkit import hookimpl
 from ngkit.components import BetaSchedule, Decoder, Encoder, Register, StepOutput, host_logs
 from ngkit.methods.categorical_vae import CategoricalVAE
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 

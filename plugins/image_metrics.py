@@ -17,7 +17,7 @@ from ngkit.components import EvalBatch, Register
 from ngkit.distributed import sum_over_ranks
 from ngkit.errors import NgkitError
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 SSIM_SIGMA = 1.5  # Wang et al. (2004): Gaussian window sigma 1.5 ...
 SSIM_WINDOW = 11  # ... truncated to 11 taps (radius int(3.5 * sigma + 0.5), as scikit-image)

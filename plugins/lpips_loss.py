@@ -35,7 +35,7 @@ from ngkit.components import Register
 from ngkit.errors import WeightsError
 from ngkit.weights import find_weights, load_weights, sha256_of
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 # torchvision's VGG-16 ("D"): channels of each 3x3 convolution (each followed by a ReLU), M = 2x2 max pool
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]

@@ -15,7 +15,7 @@ from ngkit import hookimpl
 from ngkit.components import ImageSpec, LatentSpec, Register
 from ngkit_plugins.conv_decoder import CodeEmbedding, CodeTableDecoder
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 class MlpDecoder(CodeTableDecoder):

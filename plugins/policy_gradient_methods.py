@@ -17,7 +17,7 @@ from ngkit.components import BetaSchedule, Decoder, Encoder, ImageSpec, Register
 from ngkit.distributed import mean_over_ranks
 from ngkit.methods.categorical_vae import CategoricalVAE
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 KL_BAND = 1.5  # PPO-penalty: adapt when KL leaves [target/1.5, target*1.5] (Schulman et al. 2017, §4)
 KL_GAIN = 2.0  # ... by halving or doubling the coefficient (same source)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ngkit import hookimpl
 from ngkit.components import Decoder, Encoder, LatentSpec, Method, Quantizer, Ref, Register, StepOutput, host_logs
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 

@@ -28,7 +28,7 @@ from ngkit_plugins.daps_proxy import (
     weight_logits,
 )
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 class FixedEta(nn.Module):

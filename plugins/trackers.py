@@ -27,7 +27,7 @@ import tomli_w
 from ngkit import hookimpl
 from ngkit.errors import NgkitError
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 
 class Tracker(Protocol):

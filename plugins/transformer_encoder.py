@@ -31,7 +31,7 @@ from ngkit import hookimpl
 from ngkit.components import Encoder, ImageSpec, LatentSpec, Register, TokenLogProb, pixel_stats
 from ngkit.nn import attention, attention_backend
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 EMBED_INIT_STD = 0.02  # token/position embeddings, as in GPT-2 and ViT
 

@@ -34,7 +34,7 @@ from ngkit.components import ImageSpec, LatentSpec, Register
 from ngkit.errors import PluginError
 from ngkit.components import Quantized, Quantizer
 
-NGKIT_PLUGIN_API = 2  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
+NGKIT_PLUGIN_API = 3  # written for this plugin API (docs/writing-a-plugin.md "Plugin API versions")
 
 LIBRARY = "vector-quantize-pytorch"
 INSTALL = 'pip install "ngkit[quantizers]"'

@@ -5,10 +5,12 @@ DataLoader worker is named, not a traceback."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import tomli_w
+import torch
 
 from fake_dists import install  # noqa: F401 (a fixture)
 from ngkit import PLUGIN_API
@@ -121,7 +123,7 @@ def test_a_stale_component_of_each_kind_is_refused_with_one_clear_message(kind, 
     assert '"stale" (plugin stale (ngkit-stale 1.0)) does not meet the' in problem
     assert f"contract of plugin API {PLUGIN_API}" in problem
     assert STALE[kind][1] in problem
-    assert "set NGKIT_PLUGIN_API = 2 in stale_mod" in problem
+    assert f"set NGKIT_PLUGIN_API = {PLUGIN_API} in stale_mod" in problem
     assert f"See docs/writing-a-plugin.md{CONTRACTS[kind].section} (stale_mod:Stale)" in problem
     assert f"\n## {CONTRACTS[kind].section[1:].split('-', 1)[0]}. " in GUIDE.read_text()  # the section exists
 
@@ -143,7 +145,7 @@ def test_a_stale_dataset_fails_validate_and_run_alike_and_the_docs_quote_it(tmp_
     validated = capsys.readouterr().err
     assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     ran = capsys.readouterr().err
-    expected = "does not meet the dataset contract of plugin API 2: it must accept train(seed=, epoch=, shard=, num_shards=, start=)"
+    expected = f"does not meet the dataset contract of plugin API {PLUGIN_API}: it must accept train(seed=, epoch=, shard=, num_shards=, start=)"
     assert expected in " ".join(validated.split()) and expected in " ".join(ran.split())
     assert "or set NGKIT_PLUGIN_API = 1 there to run it unchanged" in " ".join(ran.split())  # the way to the adapter
     assert "Traceback" not in ran and not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -219,3 +221,84 @@ def test_a_dataset_raising_in_a_dataloader_worker_is_named_not_a_traceback(tmp_p
     assert 'dataset "failing" (plugin failing (ngkit-failing 1.0)) at [data] raised KeyError' in err
     assert "label column 'y' not found" in err and "failing_mod.py" in err
     assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+PIXEL_DATA = """
+import itertools
+from functools import partial
+import torch
+from ngkit import hookimpl
+from ngkit.components import Example, ImageSpec
+NGKIT_PLUGIN_API = {api}
+
+def image(i, dtype):
+    levels = torch.arange(64, dtype=torch.uint8).reshape(1, 8, 8) * 3 + i % 61
+    return levels if dtype == "uint8" else levels.float() / 255
+
+class Pixels:
+    endless = True
+    def __init__(self, dtype="float"):
+        self.spec, self.dtype = ImageSpec(1, 8, 8), dtype
+    def train(self, *, seed, epoch, shard, num_shards, start=0):
+        for i in itertools.count(start * num_shards + shard, num_shards):
+            yield Example(partial(image, i, self.dtype), f"img{{i}}")
+    def test(self, *, shard, num_shards, limit):
+        return iter([image(i, "float") for i in range(shard, 8, num_shards)])
+
+@hookimpl
+def register_datasets(register):
+    register("{name}", Pixels)
+"""
+
+
+def pixel_run(tmp_path, install, monkeypatch, api: int, dtype: str, workers: int = 0) -> tuple[int, Path]:
+    name = f"pixels{api}{dtype}{workers}"
+    install(f"ngkit-{name}", {name: f"{name}_mod"}, {f"{name}_mod": PIXEL_DATA.format(api=api, name=name)})
+    monkeypatch.setenv("NGKIT_PLUGINS", name)
+    reset_plugin_manager()
+    raw = tiny(data={"name": name, "dtype": dtype, "batch_size": 4, "workers": workers},
+               run={"steps": 3, "eval_every": 0, "checkpoint_every": 0, "seed": 0})
+    out = tmp_path / name
+    return main(["run", str(write(tmp_path, name, raw)), "--out", str(out), "--quiet"]), out
+
+
+def losses(out: Path) -> list[float]:
+    import json
+
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_api2_dataset_yielding_uint8_stops_with_a_contract_error_not_a_skip(tmp_path, install, monkeypatch, capsys, workers):
+    # API 2 promised float pixels: an older ngkit trained on 0-255 values. The run stops naming the
+    # image, the module and the fix; it is not counted as an unreadable file and nothing trains.
+    assert CHANGES[3].startswith("a dataset's training Example.load() may return uint8")
+    rc, out = pixel_run(tmp_path, install, monkeypatch, 2, "uint8", workers)
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2, err
+    assert "training image 'img0' is uint8, but pixels2uint8" in err and "declares NGKIT_PLUGIN_API = 2" in err
+    assert "Set NGKIT_PLUGIN_API = 3 in pixels2uint8" in err and "unreadable" not in err
+    assert "Traceback" not in err and not losses(out)
+
+
+def test_the_same_dataset_declaring_api3_trains_exactly_as_its_float_twin(tmp_path, install, monkeypatch, capsys):
+    # uint8 under API 3 is divided by 255 once per batch: the losses equal those of the float twin
+    # (float / 255 per image, declared API 2, behind FloatPixels) bit for bit.
+    runs = [pixel_run(tmp_path, install, monkeypatch, api, dtype) for api, dtype in ((3, "uint8"), (2, "float"))]
+    assert [rc for rc, _ in runs] == [0, 0], capsys.readouterr().err
+    (_, new), (_, old) = runs
+    assert losses(new) and losses(new) == losses(old)
+
+
+def test_float_pixels_passes_everything_else_through(install, monkeypatch):
+    from ngkit.contracts import FloatPixels
+
+    install("ngkit-px", {"pixels": "px_mod"}, {"px_mod": PIXEL_DATA.format(api=2, name="pixels")})
+    monkeypatch.setenv("NGKIT_PLUGINS", "pixels")
+    reset_plugin_manager()
+    data = build_component("datasets", {"name": "pixels"}, {}, "data")
+    assert isinstance(data, FloatPixels) and data.endless is True and data.dtype == "float"
+    [first] = itertools.islice(data.train(seed=0, epoch=0, shard=1, num_shards=2, start=2), 1)
+    assert first.name == "img5" and torch.equal(first.load(), torch.arange(64.).reshape(1, 8, 8).mul(3).add(5) / 255)
+    assert len(list(data.test(shard=0, num_shards=2, limit=None))) == 4
+    assert not hasattr(data, "labelled")  # the dataset has none: neither has its adapter

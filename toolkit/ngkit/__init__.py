@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-PLUGIN_API = 2
+PLUGIN_API = 3
 """The plugin API this ngkit speaks. A plugin package declares the one it was written for with
-``NGKIT_PLUGIN_API = 2`` in its entry-point module; the changelog is in docs/writing-a-plugin.md
+``NGKIT_PLUGIN_API = 3`` in its entry-point module; the changelog is in docs/writing-a-plugin.md
 (and :data:`ngkit.contracts.CHANGES`)."""
 
 hookimpl = pluggy.HookimplMarker("ngkit")

@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ngkit import PLUGIN_API
 from ngkit.components import CONTEXT_ARGS, Ref
-from ngkit.contracts import CONTRACTS, DOCS, DatasetV1Adapter, api_note, contract_problems, looks_like_api1_dataset
+from ngkit.contracts import CONTRACTS, DOCS, DatasetV1Adapter, FloatPixels, api_note, contract_problems, looks_like_api1_dataset
 from ngkit.errors import NgkitError, RecipeError
 from ngkit.plugins import NOUNS, Registration, Registry, get_plugin_manager, get_registry
 from ngkit.recipe import dataset_options
@@ -217,12 +217,12 @@ def _meet_contract(kind: str, built: Any, registration: Registration, where: str
     what the contract expects and what was found, and the docs section."""
     info = get_plugin_manager().info.get(registration.plugin)
     declared = info.api if info else None
+    module = info.module if info and info.module else registration.location.split(":")[0]
     if kind == "datasets" and declared == 1:
         built = DatasetV1Adapter(built)
     problems = contract_problems(kind, built)
     if not problems:
-        return built
-    module = info.module if info and info.module else registration.location.split(":")[0]
+        return FloatPixels(built, declared, module) if kind == "datasets" and declared in (1, 2) else built
     api1 = kind == "datasets" and looks_like_api1_dataset(built)
     raise RecipeError(where, [
         f"[{where}] {component_label(registration)} does not meet the {NOUNS[kind]} contract of plugin API "

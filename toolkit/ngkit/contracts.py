@@ -9,8 +9,9 @@ is validated or built, with one message naming the component, its plugin and pac
 contract expects and what was found, instead of a ``TypeError`` deep inside a DataLoader worker.
 
 A package declares the API it was written for with a module constant in its entry-point
-module, ``NGKIT_PLUGIN_API = 2``; :data:`CHANGES` says what each version changed. A dataset
-declared for API 1 runs through :class:`DatasetV1Adapter`.
+module, ``NGKIT_PLUGIN_API = 3``; :data:`CHANGES` says what each version changed. A dataset
+declared for API 1 runs through :class:`DatasetV1Adapter`, and one declared for API 1 or 2 behind
+:class:`FloatPixels`, which holds it to that API's float pixels.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ngkit import PLUGIN_API
 from ngkit.components import Example, ImageSpec
+from ngkit.errors import ContractError
 
 CHANGES: dict[int, str] = {
     1: "the first API: dataset train(*, seed, rank, world_size) yields [C, H, W] tensors forever, "
@@ -32,6 +35,8 @@ CHANGES: dict[int, str] = {
     2: "dataset train(*, seed, epoch, shard, num_shards, start=0) yields lazy Example objects of one "
        "epoch and test(*, shard, num_shards, limit) (rank, world_size became shard, num_shards); methods "
        "declare can_sample, metrics expensive",
+    3: "a dataset's training Example.load() may return uint8 [C, H, W] in 0-255, which the core divides "
+       "by 255 once per batch; before, only float in [0, 1]",
 }
 
 DOCS = "docs/writing-a-plugin.md"
@@ -180,14 +185,17 @@ def api_note(declared: int | None, module: str, api1_dataset: bool = False) -> s
     if declared == PLUGIN_API:
         return ""
     if declared is None and api1_dataset:
-        return (f" Its train() takes API 1's rank and world_size. What changed in API 2: {CHANGES[2]}. Update it "
-                f"and set NGKIT_PLUGIN_API = 2 in {module}, or set NGKIT_PLUGIN_API = 1 there to run it "
+        return (f" Its train() takes API 1's rank and world_size. What changed: {_changes_since(1)}. Update it "
+                f"and set NGKIT_PLUGIN_API = {PLUGIN_API} in {module}, or set NGKIT_PLUGIN_API = 1 there to run it "
                 f"unchanged through ngkit's API-1 adapter.")
     if declared is None:
         return (f" The package declares no NGKIT_PLUGIN_API (this ngkit speaks API {PLUGIN_API}): fix the "
                 f"plugin and set NGKIT_PLUGIN_API = {PLUGIN_API} in {module}.")
-    changes = "; ".join(f"API {v}: {CHANGES[v]}" for v in range(declared + 1, PLUGIN_API + 1))
-    return f" The package declares NGKIT_PLUGIN_API = {declared}; this ngkit speaks API {PLUGIN_API}. What changed: {changes}."
+    return f" The package declares NGKIT_PLUGIN_API = {declared}; this ngkit speaks API {PLUGIN_API}. What changed: {_changes_since(declared)}."
+
+
+def _changes_since(declared: int) -> str:
+    return "; ".join(f"API {v}: {CHANGES[v]}" for v in range(declared + 1, PLUGIN_API + 1))
 
 
 class DatasetV1Adapter:
@@ -211,6 +219,42 @@ class DatasetV1Adapter:
         return self.dataset.test(rank=shard, world_size=num_shards, limit=limit)
 
     def __getattr__(self, name: str) -> Any:  # e.g. labelled(), the dataset's own options
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class FloatPixels:
+    """A dataset whose package declares API 1 or 2, held to that API's pixels: float in [0, 1].
+
+    uint8 came with API 3 (:data:`CHANGES`). An older ngkit cast a uint8 image to float and trained
+    on 0-255 values, so a uint8 training image from a package written for it is a broken contract,
+    refused with :class:`ContractError` (never skipped as an unreadable file), not silently divided
+    by 255. Everything else passes through unchanged."""
+
+    def __init__(self, dataset: Any, declared: int, module: str) -> None:
+        self.dataset, self.declared, self.module = dataset, declared, module
+        self.spec = dataset.spec
+
+    def _float(self, img: Any, where: str) -> Any:
+        if isinstance(img, Tensor) and img.dtype == torch.uint8:
+            raise ContractError(
+                f"{where} is uint8, but {self.module} declares NGKIT_PLUGIN_API = {self.declared}, whose images "
+                f"are float in [0, 1] (uint8 0-255 pixels are API 3: {CHANGES[3]}). Set NGKIT_PLUGIN_API = 3 "
+                f"in {self.module} if its uint8 images are 0-255, or return float in [0, 1] "
+                f"(see {DOCS}#plugin-api-versions)")
+        return img
+
+    def train(self, *, seed: int, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[Example]:
+        for i, ex in enumerate(self.dataset.train(seed=seed, epoch=epoch, shard=shard, num_shards=num_shards,
+                                                  start=start), start):
+            where = f"training image {ex.name!r}" if ex.name else f"training image {i} of shard {shard}"
+            yield Example(load=lambda ex=ex, where=where: self._float(ex.load(), where), name=ex.name)
+
+    def test(self, *, shard: int, num_shards: int, limit: int | None) -> Iterable[Tensor]:
+        return self.dataset.test(shard=shard, num_shards=num_shards, limit=limit)
+
+    def __getattr__(self, name: str) -> Any:  # endless, labelled(), the dataset's own options
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)

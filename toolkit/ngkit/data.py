@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ngkit.components import Example, ImageDataset
-from ngkit.errors import DataError, NgkitError, PluginError
+from ngkit.errors import ContractError, DataError, NgkitError, PluginError
 
 # What a worker's error record is raised as in the trainer (any other ngkit error: NgkitError).
 _ERRORS: dict[str, type[NgkitError]] = {"DataError": DataError, "PluginError": PluginError}
@@ -163,6 +163,8 @@ class _Batches(IterableDataset):
                 name = example.name or f"example of epoch {chunk[0][1].epoch}"
                 try:
                     img = example.load()
+                except ContractError:  # the plugin breaks its declared contract: not a bad file
+                    raise
                 except Exception as exc:  # an unreadable file: dropped here, counted by the trainer
                     bad.append((name, f"{type(exc).__name__}: {exc}"))
                     continue

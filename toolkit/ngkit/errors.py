@@ -24,6 +24,11 @@ class PluginError(NgkitError):
     """A plugin failed to load, or two plugins registered the same name."""
 
 
+class ContractError(PluginError):
+    """A component broke, while running, the plugin contract its package declares (e.g. an API-2
+    dataset returned uint8 pixels); not an unreadable file, so the core never skips it."""
+
+
 class WeightsError(NgkitError):
     """A weights file is missing, has the wrong hash or the wrong contents."""
 

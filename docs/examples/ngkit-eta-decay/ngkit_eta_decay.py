@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ngkit import hookimpl
 
-NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+NGKIT_PLUGIN_API = 3  # the ngkit plugin API this module was written for
 
 
 class EtaDecay(nn.Module):

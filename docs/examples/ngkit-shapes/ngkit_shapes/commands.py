@@ -9,7 +9,7 @@ import typer
 
 from ngkit import hookimpl
 
-NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+NGKIT_PLUGIN_API = 3  # the ngkit plugin API this module was written for
 
 
 @hookimpl

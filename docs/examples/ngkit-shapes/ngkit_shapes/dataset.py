@@ -15,7 +15,7 @@ from torch import Tensor
 from ngkit import hookimpl
 from ngkit.components import Example, ImageSpec
 
-NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+NGKIT_PLUGIN_API = 3  # the ngkit plugin API this module was written for
 
 TEST_SEED = 12345  # fixed: the held-out images are the same for every run
 

@@ -12,7 +12,7 @@ from ngkit import hookimpl, versions
 from ngkit.components import EvalBatch
 from ngkit.distributed import sum_over_ranks
 
-NGKIT_PLUGIN_API = 2  # the ngkit plugin API this module was written for
+NGKIT_PLUGIN_API = 3  # the ngkit plugin API this module was written for
 
 
 class ForegroundIoU:
