@@ -74,6 +74,12 @@ class ModelSection(Section):
 
 class OptimSection(Section):
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate of encoder and decoder")
+    encoder_lr: float | None = Field(
+        None, gt=0, description="learning rate of the method's encoder parameters instead of lr (schedules scale it alike)"
+    )
+    decoder_lr: float | None = Field(
+        None, gt=0, description="learning rate of the method's decoder parameters instead of lr (schedules scale it alike)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)

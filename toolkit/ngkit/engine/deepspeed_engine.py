@@ -15,6 +15,7 @@ import torch
 from ngkit.components import Method
 from ngkit.engine import safe_load
 from ngkit.engine.gradients import GuardedAdamW
+from ngkit.errors import RecipeError
 from ngkit.recipe import Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,15 +55,37 @@ def lr_lambda(recipe: Recipe):
     return factor
 
 
+def param_groups(method: Method, recipe: Recipe) -> list[dict[str, Any]]:
+    """Every trainable parameter in one AdamW group at ``[optim] lr``, or, with ``encoder_lr`` /
+    ``decoder_lr``, the method's ``encoder`` / ``decoder`` parameters in groups of their own (the
+    rest first, so the logged ``lr`` is still ``[optim] lr``'s). Schedules multiply every group's
+    rate by the same factor."""
+    optim = recipe.optim
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    groups, taken = [], set()
+    for part, lr in (("encoder", optim.encoder_lr), ("decoder", optim.decoder_lr)):
+        if lr is None:
+            continue
+        module = getattr(method, part, None)
+        if not isinstance(module, torch.nn.Module):  # a rate that would silently apply to nothing
+            raise RecipeError("[optim]", [
+                f"[optim] {part}_lr is set, but method {type(method).__name__} has no `{part}` module "
+                f"whose parameters it could apply to: remove {part}_lr, or give the method an `{part}` attribute"])
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in taken]
+        taken.update(map(id, params))
+        groups.append({"params": params, "lr": lr})
+    rest = [p for p in trainable if id(p) not in taken]
+    return [g for g in [{"params": rest, "lr": optim.lr}, *groups] if g["params"]]
+
+
 def make_engine(method: Method, recipe: Recipe) -> Any:
     """``deepspeed.initialize`` with :class:`GuardedAdamW` over every trainable parameter."""
     import deepspeed
 
-    params = [p for p in method.parameters() if p.requires_grad]
     optim = recipe.optim
-    cuda = bool(params) and params[0].is_cuda
     optimizer = GuardedAdamW(
-        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, fused=optim.fused
+        param_groups(method, recipe), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+        weight_decay=optim.weight_decay, fused=optim.fused,
     )
     engine, _, _, _ = deepspeed.initialize(
         model=method,
