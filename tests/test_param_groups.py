@@ -84,3 +84,21 @@ def test_each_group_takes_its_own_first_adamw_step(tmp_path, zero_stage, one_thr
         assert not bad.any(), (part, step[bad][:5], rounding[bad][:5])
         assert step.max() >= lr * 0.999, part  # the largest gradients move by the full rate
         assert (step > lr * 0.5).float().mean() > 0.5, part  # and most of them nearly so
+
+
+def test_resume_with_groups_is_bit_exact(tmp_path, one_thread):
+    import shutil
+
+    from test_exact_resume import module_state, same
+
+    raw = recipe(encoder_lr=1e-4, decoder_lr=1e-3)
+    raw["run"].update(steps=4, checkpoint_every=2, keep_checkpoints=2)
+    raw["schedule"] = {**raw.get("schedule", {}), "warmup_steps": 2, "lr_decay": "cosine"}  # the factor moves
+    rc = parse_recipe(raw, "groups")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(rc, straight, quiet=True)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / checkpoint.step_tag(4))
+    train(rc, resumed, resume=True, quiet=True)
+    a, b = module_state(straight), module_state(resumed)
+    assert a.keys() == b.keys() and [k for k in a if not same(a[k], b[k])] == []

@@ -58,8 +58,8 @@ def lr_lambda(recipe: Recipe):
 def param_groups(method: Method, recipe: Recipe) -> list[dict[str, Any]]:
     """Every trainable parameter in one AdamW group at ``[optim] lr``, or, with ``encoder_lr`` /
     ``decoder_lr``, the method's ``encoder`` / ``decoder`` parameters in groups of their own (the
-    rest first, so the logged ``lr`` is still ``[optim] lr``'s). Schedules multiply every group's
-    rate by the same factor."""
+    rest first, when there is any: the logged ``lr`` is the first group's). Schedules multiply every
+    group's rate by the same factor."""
     optim = recipe.optim
     trainable = [p for p in method.parameters() if p.requires_grad]
     groups, taken = [], set()
