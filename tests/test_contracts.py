@@ -302,3 +302,16 @@ def test_float_pixels_passes_everything_else_through(install, monkeypatch):
     assert first.name == "img5" and torch.equal(first.load(), torch.arange(64.).reshape(1, 8, 8).mul(3).add(5) / 255)
     assert len(list(data.test(shard=0, num_shards=2, limit=None))) == 4
     assert not hasattr(data, "labelled")  # the dataset has none: neither has its adapter
+
+
+def test_ngkit_plugins_shows_the_api_each_package_declares(install, monkeypatch, capsys):
+    from ngkit.cli.plugins_cmd import plugin_rows
+
+    install("ngkit-px", {"pixels": "px_mod"}, {"px_mod": PIXEL_DATA.format(api=2, name="pixels")})
+    monkeypatch.setenv("NGKIT_PLUGINS", "pixels")
+    reset_plugin_manager()
+    rows = {r["name"]: r for r in plugin_rows()}
+    assert rows["pixels"]["api"] == 2 and rows["conv_decoder"]["api"] == PLUGIN_API
+    assert main(["plugins", "--external"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"2 (ngkit speaks {PLUGIN_API})" in out

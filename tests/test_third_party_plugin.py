@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ngkit import PLUGIN_API
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
 SHAPES_RECIPE = EXAMPLES / "ngkit-shapes" / "ngkit_shapes" / "shapes.toml"
@@ -56,6 +58,7 @@ def test_installed_plugins_are_listed_with_package_and_module_class(site):
     rows = listed(site, plugins=None)
     row = rows["eta_decay"]
     assert row["package"] == "ngkit-eta-decay" and row["version"] == "0.1.0" and not row["builtin"]
+    assert row["api"] == PLUGIN_API  # the NGKIT_PLUGIN_API its module declares
     assert row["components"] == {"step_size_policies": {"eta-decay": "ngkit_eta_decay:EtaDecay"}}
     assert rows["shapes_data"]["components"] == {"datasets": {"shapes": "ngkit_shapes.dataset:Shapes"}}
     assert rows["shapes_decoder"]["components"] == {"decoders": {"patch-bernoulli": "ngkit_shapes.decoder:PatchBernoulli"}}

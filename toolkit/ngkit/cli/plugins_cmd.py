@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ngkit import PLUGIN_API
 from ngkit.plugins import get_plugin_manager
 
 
@@ -26,7 +27,7 @@ def plugin_rows(include_builtins: bool = True, include_unloaded: bool = False) -
         components = pm.components(name)
         rows.append({
             "name": name, "package": info.package, "version": info.version, "builtin": info.builtin,
-            "status": "loaded", "reason": "", "hooks": pm.hooks_of(name),
+            "api": info.api, "status": "loaded", "reason": "", "hooks": pm.hooks_of(name),
             "provides": {kind: sorted(found) for kind, found in components.items()},
             "components": components,
         })
@@ -34,16 +35,23 @@ def plugin_rows(include_builtins: bool = True, include_unloaded: bool = False) -
         for name, info in sorted(pm.excluded.items()):
             rows.append({
                 "name": name, "package": info.package, "version": info.version, "builtin": False,
-                "status": "excluded", "reason": f'left out by NGKIT_PLUGINS="{pm.selection}"',
+                "api": info.api, "status": "excluded", "reason": f'left out by NGKIT_PLUGINS="{pm.selection}"',
                 "hooks": [], "provides": {}, "components": {},
             })
         for problem in pm.problems + registry.problems:
             rows.append({
                 "name": problem.plugin, "package": problem.package, "version": "", "builtin": False,
-                "status": problem.status, "reason": problem.reason,
+                "api": None, "status": problem.status, "reason": problem.reason,
                 "hooks": [], "provides": {}, "components": {},
             })
     return rows
+
+
+def _api(row: dict[str, Any]) -> str:
+    """The plugin API its module declares (NGKIT_PLUGIN_API), and this ngkit's when that is newer."""
+    if row["api"] is None:
+        return "–" if row["status"] != "loaded" else "undeclared"
+    return str(row["api"]) if row["api"] == PLUGIN_API else f"{row['api']} (ngkit speaks {PLUGIN_API})"
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -66,8 +74,8 @@ def plugins(
         False, "--all", help="Also plugins NGKIT_PLUGINS leaves out and plugins that failed, with the reason."
     ),
 ) -> None:
-    """List every loaded plugin: package, version, hooks, and each name it registers with the
-    module:class that implements it."""
+    """List every loaded plugin: package, version, the plugin API it declares, hooks, and each
+    name it registers with the module:class that implements it."""
     rows = plugin_rows(include_builtins=not external, include_unloaded=show_all)
     pm = get_plugin_manager()
     trouble = len(pm.problems + pm.collect().problems)
@@ -80,8 +88,8 @@ def plugins(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="ngkit plugins (NGKIT_PLUGINS selects which load)")
-    for col in ("plugin", "package", "version", "provides"):
+    for col in ("plugin", "package", "version", "API", "provides"):
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(escape(row["name"]), escape(row["package"]), row["version"], escape(_describe(row)))
+        table.add_row(escape(row["name"]), escape(row["package"]), row["version"], _api(row), escape(_describe(row)))
     Console().print(table)
