@@ -243,31 +243,47 @@ class TransformerEncoder(Encoder):
         self, feats: Tensor, num_samples: int, pick: Callable[[Tensor], Tensor], drop: Callable[[Tensor], Tensor]
     ) -> tuple[Tensor, Tensor]:
         """:meth:`_autoregress` on CPU: the N = B*K sequences' new tokens as ``[N, width]`` rows,
-        weights pre-transposed, attention by matmul (:meth:`_DecodeStep.rows`)."""
+        weights pre-transposed, attention by matmul (:meth:`_DecodeStep.rows`). Every tensor
+        of a fixed shape is allocated once and written in place (``out=``); the residual stream
+        is one ``[N, width]`` row buffer the blocks add into."""
         b, length = feats.shape[0], self.latent.tokens
         n = b * num_samples
-        steps = [_DecodeStep(block, feats, n, length, "matmul") for block in self.latent_blocks]
+        table, pos = self.tokens_in.weight, self.tokens_in.pos
+        dt = _matmul_dtype(table)
+        cast = _cast(table.dtype, dt)
+        steps = [_DecodeStep(block, feats, n, length, "matmul", dt) for block in self.latent_blocks]
         norm = self.latent_norm
         norm_shape, norm_w, norm_b, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
-        table, pos = self.tokens_in.weight, self.tokens_in.pos
-        head_w, head_b = self.head.weight.t().contiguous(), self.head.bias
+        head_w, head_b = self.head.weight.t().to(dt).contiguous(), self.head.bias.to(dt)
         token = feats.new_full((n,), self.latent.codes, dtype=torch.long)  # START
-        z = feats.new_empty((b, num_samples, length), dtype=torch.long)
-        lq: Tensor | None = None  # each token's log q [L, B, K, 1], summed at the end
+        z = feats.new_empty((length, b, num_samples), dtype=torch.long)
+        emb = table.new_empty((n, table.shape[1]))
+        logits = head_w.new_empty((n, head_w.shape[1]))
+        logp = torch.empty_like(logits)
+        logp3 = logp.view(b, num_samples, -1)
+        lq = logp.new_empty((length, b, num_samples, 1))  # each token's log q, summed at the end
         for t in range(length):
-            h = drop(torch.index_select(table, 0, token) + pos[t])
+            h = drop(torch.index_select(table, 0, token, out=emb).add_(pos[t]))
             for step in steps:
                 h = step.rows(h, t)
-            h = torch.layer_norm(h, norm_shape, norm_w, norm_b, eps)
-            logp = F.log_softmax(torch.addmm(head_b, h, head_w), dim=-1).view(b, num_samples, -1)
-            picked = pick(logp)  # [B, K]
-            z[:, :, t] = picked
-            if lq is None:  # logp's dtype (autocast may make it differ from the features')
-                lq = logp.new_empty((length, b, num_samples, 1))
-            torch.gather(logp, -1, picked.unsqueeze(-1), out=lq[t])
+            h = cast(torch.layer_norm(h, norm_shape, norm_w, norm_b, eps))
+            torch.log_softmax(torch.addmm(head_b, h, head_w, out=logits), -1, out=logp)
+            picked = pick(logp3)  # [B, K]
+            z[t] = picked
+            torch.gather(logp3, -1, picked.unsqueeze(-1), out=lq[t])
             token = picked.view(n)
-        assert lq is not None  # length >= 1
-        return z, lq.sum(0).squeeze(-1)
+        return z.permute(1, 2, 0), lq.sum(0).squeeze(-1)
+
+
+def _cast(src: torch.dtype, dst: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """``tensor.to(dst)`` for tensors of dtype ``src``; the identity (no call) when they agree."""
+    return (lambda x: x) if src == dst else (lambda x: x.to(dst))
+
+
+def _matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype matmuls produce on CPU: autocast's (it casts their inputs, weights included,
+    which the sampler's ``out=`` matmuls, bypassing autocast, do explicitly) or the weights'."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
 
 
 def _dropout(module: nn.Dropout) -> Callable[[Tensor], Tensor]:
@@ -301,11 +317,12 @@ class InverseCdfDraw:
         self.t += 1
         # at temperature 1 the log-probs are normalised: exp is the softmax, one kernel cheaper
         probs = logp.float().exp() if self.temperature == 1 else (logp.float() / self.temperature).softmax(-1)
-        cdf = probs.cumsum(-1)
+        codes = probs.shape[-1]
+        cdf = probs.cumsum_(-1)  # in place: the same sequential sums
         # a non-finite row (NaN or inf in the cumulative sum) gives some index in [0, V]: clamped,
         # it is a valid code, and the row's non-finite log q makes the trainer skip the step
-        token = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
-        return token.clamp_max_(cdf.shape[-1] - 1).squeeze(-1)
+        token = torch.searchsorted(cdf, u * cdf.narrow(-1, codes - 1, 1), right=True)
+        return token.clamp_max_(codes - 1).squeeze(-1)
 
 
 class _DecodeStep:
@@ -313,46 +330,71 @@ class _DecodeStep:
     operations on the same shapes as its ``forward`` with a cache (so the same numbers), with
     its weights bound once, a static ``[N, H, L, head_dim]`` cache, and the patch keys/values
     laid out ``[B, H, P, head_dim]`` once, as the SDPA kernel reads them (``sdpa``; xformers on a
-    GPU takes the token-major views through :func:`ngkit.nn.attention`)."""
+    GPU takes the token-major views through :func:`ngkit.nn.attention`). ``kernel = "matmul"``:
+    the CPU layout of :meth:`rows`, its matmuls producing ``dtype``."""
 
-    def __init__(self, block: _DecoderBlock, feats: Tensor, n: int, length: int, kernel: str) -> None:
+    def __init__(
+        self, block: _DecoderBlock, feats: Tensor, n: int, length: int, kernel: str, dtype: torch.dtype | None = None
+    ) -> None:
         self.block, self.sdpa, self.drop = block, kernel != "xformers", _dropout(block.drop)
         self.heads = heads = block.attn.heads
         width = feats.shape[-1]
         k, v = block.cross.memory(feats)  # [B, P, H, D]
         if kernel == "matmul":
-            self._bind_rows(block, k, v, n, length, width)
+            self._bind_rows(block, k, v, n, length, width, dtype or k.dtype)
             return
         self.memory = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())  # [B, H, P, D]
         self.cache_k = feats.new_empty(n, heads, length, width // heads)
         self.cache_v = torch.empty_like(self.cache_k)
 
-    def _bind_rows(self, block: _DecoderBlock, k: Tensor, v: Tensor, n: int, length: int, width: int) -> None:
+    def _bind_rows(
+        self, block: _DecoderBlock, k: Tensor, v: Tensor, n: int, length: int, width: int, dt: torch.dtype
+    ) -> None:
         """The matmul path's layout: every tensor bound once as a plain attribute (a module's
         attribute lookup costs more than some of these kernels), weights transposed for
-        ``rows @ w``, the softmax scale in the query weights, keys head-major and transposed
-        ``[., head_dim, S]`` (q @ k without a copy), values ``[., S, head_dim]``."""
+        ``rows @ w`` and cast to ``dt`` once (what autocast would cast them to at every call),
+        the softmax scale in the query weights, keys head-major and transposed ``[., head_dim,
+        S]`` (q @ k without a copy), values ``[., S, head_dim]``; and the token's fixed-shape
+        intermediates, which :meth:`rows` writes in place, with their views made once."""
         heads, hd = self.heads, width // self.heads
         scale = hd**-0.5
         qkv = block.attn.qkv.weight.detach().clone()
         qkv[:width] *= scale
         # output rows reordered from (q/k/v, head, dim) to (head, q/k/v, dim): each head's q, k
         # and v of all N rows are then [N*H, dim] views for bmm
-        w_qkv = qkv.view(3, heads, hd, width).transpose(0, 1).reshape(3 * width, width).t().contiguous()
+        w_qkv = qkv.view(3, heads, hd, width).transpose(0, 1).reshape(3 * width, width).t()
         up, _, down = block.mlp
         ln1, ln2, ln3 = block.ln1, block.ln2, block.ln3
         self.eps = (ln1.eps, ln2.eps, ln3.eps)
-        self.weights = (
-            ln1.weight, ln1.bias, w_qkv, block.attn.out.weight.t().contiguous(), block.attn.out.bias,
-            ln2.weight, ln2.bias, (block.cross.q.weight.detach() * scale).t().contiguous(),
-            block.cross.out.weight.t().contiguous(), block.cross.out.bias,
-            ln3.weight, ln3.bias, up.weight.t().contiguous(), up.bias, down.weight.t().contiguous(), down.bias,
+        lns = (ln1.weight, ln1.bias, ln2.weight, ln2.bias, ln3.weight, ln3.bias)
+        mats = (
+            w_qkv, block.attn.out.weight.t(), block.attn.out.bias, (block.cross.q.weight.detach() * scale).t(),
+            block.cross.out.weight.t(), block.cross.out.bias, up.weight.t(), up.bias, down.weight.t(), down.bias,
         )
+        self.lns, self.mats = lns, tuple(w.to(dt).contiguous() for w in mats)
         b, p = k.shape[0], k.shape[1]
         self.mem_kt = k.permute(0, 2, 3, 1).reshape(b * heads, hd, p)  # [B*H, D, P]
         self.mem_v = v.transpose(1, 2).reshape(b * heads, p, hd)  # [B*H, P, D]
         self.cache_kt = k.new_empty(n * heads, hd, length)
         self.cache_v = k.new_empty(n * heads, length, hd)
+        kq = n // b  # queries per image
+        new = k.new_empty
+        self.cast = _cast(ln1.weight.dtype, dt)  # layer-norm outputs to the matmuls' dtype
+        self.qkv, self.proj = new(n, 3 * width, dtype=dt), new(n, width, dtype=dt)
+        q, self.key, self.value = self.qkv.view(n * heads, 3, hd).unbind(1)  # [N*H, D] each
+        self.q = q.unsqueeze(1)
+        self.att_out = new(n * heads, 1, hd, dtype=dt)
+        self.att_rows = self.att_out.view(n, width)
+        self.cq = new(n, width, dtype=dt)
+        self.cq_by_head = self.cq.view(b, kq, heads, hd).transpose(1, 2)  # [B, H, K, D] view
+        self.cq_heads = new(b * heads, kq, hd, dtype=dt)
+        self.cq_heads_split = self.cq_heads.view(b, heads, kq, hd)
+        self.c_scores, self.c_att = new(b * heads, kq, p, dtype=dt), new(b * heads, kq, p, dtype=dt)
+        self.c_out = new(b * heads, kq, hd, dtype=dt)
+        self.c_out_by_row = self.c_out.view(b, heads, kq, hd).transpose(1, 2)  # [B, K, H, D] view
+        self.c_rows = new(n, width, dtype=dt)
+        self.c_rows_split = self.c_rows.view(b, kq, heads, hd)
+        self.up = new(n, up.out_features, dtype=dt)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Head-major ``q [N, H, M, D]``, ``k, v [N, H, S, D]`` -> token-major ``[N, M, H, D]``."""
@@ -382,27 +424,28 @@ class _DecodeStep:
         return seq.view(b, k, m, d)
 
     def rows(self, x: Tensor, t: int) -> Tensor:
-        """The block on the new token of each of the N = B*K sequences, ``x [N, width]``."""
-        (ln1w, ln1b, w_qkv, w_out, b_out, ln2w, ln2b, w_cq, w_cout, b_cout,
-         ln3w, ln3b, w_up, b_up, w_down, b_down) = self.weights
+        """The block on the new token of each of the N = B*K sequences, ``x [N, width]``, added
+        into ``x`` in place (the same sums as ``x = x + ...``) and returned."""
+        ln1w, ln1b, ln2w, ln2b, ln3w, ln3b = self.lns
+        w_qkv, w_out, b_out, w_cq, w_cout, b_cout, w_up, b_up, w_down, b_down = self.mats
         eps1, eps2, eps3 = self.eps
-        heads, drop, cache_kt, cache_v, mem_kt = self.heads, self.drop, self.cache_kt, self.cache_v, self.mem_kt
-        n, d = x.shape
-        hd, bh = d // heads, mem_kt.shape[0]
-        h = torch.layer_norm(x, (d,), ln1w, ln1b, eps1)
-        q, key, value = torch.mm(h, w_qkv).view(n * heads, 3, hd).unbind(1)  # [N*H, D] each
-        cache_kt[:, :, t] = key
-        cache_v[:, t] = value
-        att = torch.bmm(q.unsqueeze(1), cache_kt[:, :, : t + 1]).softmax(-1)  # [N*H, 1, t+1]
-        x = x + drop(torch.addmm(b_out, torch.bmm(att, cache_v[:, : t + 1]).view(n, d), w_out))
-        h = torch.layer_norm(x, (d,), ln2w, ln2b, eps2)
+        drop, cast, d, proj = self.drop, self.cast, x.shape[1], self.proj
+        torch.mm(cast(torch.layer_norm(x, (d,), ln1w, ln1b, eps1)), w_qkv, out=self.qkv)
+        self.cache_kt.select(2, t).copy_(self.key)
+        self.cache_v.select(1, t).copy_(self.value)
+        att = torch.bmm(self.q, self.cache_kt.narrow(2, 0, t + 1)).softmax(-1)  # [N*H, 1, t+1]
+        torch.bmm(att, self.cache_v.narrow(1, 0, t + 1), out=self.att_out)
+        x.add_(drop(torch.addmm(b_out, self.att_rows, w_out, out=proj)))
         # the K queries of an image side by side against its keys: [B*H, K, D]
-        q = torch.mm(h, w_cq).view(bh // heads, n * heads // bh, heads, hd).transpose(1, 2).reshape(bh, -1, hd)
-        att = torch.bmm(q, mem_kt).softmax(-1)  # [B*H, K, P]
-        out = torch.bmm(att, self.mem_v).view(bh // heads, heads, -1, hd).transpose(1, 2).reshape(n, d)
-        x = x + drop(torch.addmm(b_cout, out, w_cout))
-        h = torch.layer_norm(x, (d,), ln3w, ln3b, eps3)
-        return x + drop(torch.addmm(b_down, F.gelu(torch.addmm(b_up, h, w_up)), w_down))
+        torch.mm(cast(torch.layer_norm(x, (d,), ln2w, ln2b, eps2)), w_cq, out=self.cq)
+        self.cq_heads_split.copy_(self.cq_by_head)
+        torch.softmax(torch.bmm(self.cq_heads, self.mem_kt, out=self.c_scores), -1, out=self.c_att)
+        torch.bmm(self.c_att, self.mem_v, out=self.c_out)
+        self.c_rows_split.copy_(self.c_out_by_row)
+        x.add_(drop(torch.addmm(b_cout, self.c_rows, w_cout, out=proj)))
+        h = cast(torch.layer_norm(x, (d,), ln3w, ln3b, eps3))
+        torch._addmm_activation(b_up, h, w_up, use_gelu=True, out=self.up)  # addmm, then gelu in place
+        return x.add_(drop(torch.addmm(b_down, self.up, w_down, out=proj)))
 
 
 class _PatchEmbed(nn.Module):
