@@ -414,7 +414,9 @@ class _SampledLogProbs(torch.autograd.Function):
         return one.gather(-1, index).permute(2, 0, 1).contiguous(), one.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad_logq: Tensor | None, grad_one: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_logq: Tensor | None, grad_one: Tensor | None
+    ) -> tuple[Tensor | None, None]:
         (index,) = ctx.saved_tensors
         if grad_logq is None:
             return grad_one, None

@@ -76,7 +76,7 @@ def old_gradients_ok(self):
 
 @pytest.fixture
 def old_code(monkeypatch):
-    """Switch the step back to the code before the change (and on leaving, forward again)."""
+    """A switch to the code before the change (undone when the test ends)."""
     def switch():
         monkeypatch.setattr(transformer_encoder, "_factorised_score", old_factorised_score)
         monkeypatch.setattr(daps_method.Daps, "_sampled", old_sampled)
@@ -95,14 +95,10 @@ def _run(recipe, steps, old):
     torch.manual_seed(1)
     batches = iter([torch.rand(recipe.data.batch_size, 1, 8, 8) for _ in range(steps * recipe.optim.accumulate)])
     plan = StepPlan.of(engine, recipe, torch.device("cpu"), torch.float32)
-    grads = []
     if old:  # DeepSpeed's own zero_grad, and the host flags all-reduced at one rank as before
         del engine.zero_grad
         plan = dataclasses.replace(plan, single_rank=False)
-    logs = []
-    for step in range(1, steps + 1):
-        logs.append(host_floats(train_step(engine, batches, step, plan).logs))
-        grads.append([None if p.grad is None else p.grad.clone() for p in plan.params])
+    logs = [host_floats(train_step(engine, batches, step, plan).logs) for step in range(1, steps + 1)]
     return logs, [p.detach().clone() for p in engine.module.parameters()]
 
 
@@ -114,11 +110,12 @@ SETTINGS = {
                                       {"clip": "none"}, 0),
     "token K=8 accumulate 2 agc": ({"credit": "token", "samples": 8, "marginal_kl": 0.5},
                                    {"clip": "agc", "accumulate": 2}, 0),
-    "first-order K=4 usage terms agc": ({"credit": "first-order", "samples": 4, "marginal_kl": 1.0, "token_entropy": 0.3,
-                                         "step_size": {"name": "kl"}}, {"clip": "agc"}, 0),
+    "first-order K=4 usage terms agc": ({"credit": "first-order", "samples": 4, "marginal_kl": 1.0,
+                                         "token_entropy": 0.3, "step_size": {"name": "kl"}}, {"clip": "agc"}, 0),
     "token K=8 ZeRO 2 agc": ({"credit": "token", "samples": 8, "token_entropy": 0.3}, {"clip": "agc"}, 2),
     "sequence K=8 ZeRO 2 no clip": ({"credit": "sequence", "samples": 8, "marginal_kl": 1.0}, {"clip": "none"}, 2),
-    "token trust region": ({"credit": "token", "samples": 4, "trust_region": 0.1, "marginal_kl": 1.0}, {"clip": "agc"}, 0),
+    "token trust region": ({"credit": "token", "samples": 4, "trust_region": 0.1, "marginal_kl": 1.0},
+                           {"clip": "agc"}, 0),
     "reinforce": (None, {"clip": "agc"}, 0),
 }
 
@@ -190,11 +187,13 @@ def test_one_copy_elsewhere_differs_only_by_reassociation(one_thread):
     token_logq, one = daps_method._SampledLogProbs.apply(base, z)
     loss = (weights.float() * token_logq).sum() + sum((d * f(one[None])).sum() for d, f in DENSE)
     new = torch.autograd.grad(loss, base)[0]
+    tolerance = 8 * torch.finfo(torch.float32).eps * exact.abs().max().item()
     for g in (old, new):
-        torch.testing.assert_close(g.double(), exact, rtol=0, atol=8 * torch.finfo(torch.float32).eps * exact.abs().max().item())
+        torch.testing.assert_close(g.double(), exact, rtol=0, atol=tolerance)
     assert not torch.equal(old, new)  # the case this test is about
-    shared = torch.zeros(5, 4, 12, dtype=torch.long).scatter_add_(-1, z.permute(1, 2, 0), torch.ones(5, 4, 8, dtype=torch.long))
-    alone = shared <= 1  # codes no two samples drew: the dense terms plus at most one sample's
+    index = z.permute(1, 2, 0)
+    draws = torch.zeros(5, 4, 12, dtype=torch.long).scatter_add_(-1, index, torch.ones_like(index))
+    alone = draws <= 1  # codes no two samples drew: the dense terms plus at most one sample's
     assert alone.any() and torch.equal(new[alone], old[alone])
 
 
