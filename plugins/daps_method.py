@@ -11,7 +11,7 @@ non-finite steps are the engine's job.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -164,17 +164,18 @@ class Daps(CategoricalVAE):
         if self.project_bound > 0 and self._theta_old is None:
             self._theta_old = self._snapshot_encoder()
         self.splitter.observe(z)
-        self._step_batch = (x.detach(), z, self._kl_view(enc.logits.detach()))
+        token_logq, logits = self._sampled(enc, z)
+        self._step_batch = (x.detach(), z, logits.detach())
         if self.credit == "first-order":
-            return self._first_order_step(x, z, enc, step)
+            return self._first_order_step(x, z, enc, logits, step)
         if self.credit == "token":
             # Per token: reward r_l, log q_l(z_l|x) [K, B, L]; the proxy treats each (image, token)
             # as one column [K, B*L] (docs/daps.md, "Per-token credit").
             logp, reward = self._token_rewards(x, z)
-            logq = enc.logits.gather(-1, z.unsqueeze(-1)).squeeze(-1)
+            logq = token_logq if token_logq is not None else enc.logits.gather(-1, z.unsqueeze(-1)).squeeze(-1)
         else:
             logp, _ = self.decoder_log_prob(x, z)  # [K, B]
-            reward, logq = logp.detach(), enc.logq
+            reward, logq = logp.detach(), token_logq.sum(-1) if token_logq is not None else enc.logq
         k = reward.shape[0]
         reward_sg, logq_sg = reward.reshape(k, -1), logq.detach().reshape(k, -1)
         beta_schedule = float(self.beta(step))
@@ -190,7 +191,7 @@ class Daps(CategoricalVAE):
         trust_stats = self._trust_region_penalty(self.trust) if self.trust is not None else {}
         if trust_stats:
             loss = loss + trust_stats["tr_penalty"]
-        usage_loss, usage_stats = self._usage_terms(enc)
+        usage_loss, usage_stats = self._usage_terms(logits)
         loss = loss + usage_loss
 
         adv = proxy.advantages
@@ -216,22 +217,22 @@ class Daps(CategoricalVAE):
             logs["beta_schedule"] = beta_schedule
         return StepOutput(loss=loss, logs=logs)
 
-    def _usage_terms(self, enc: TokenLogProb) -> tuple[Tensor | float, dict[str, Tensor]]:
-        """γ·L·KL(q̄ ‖ uniform) and γ_e·L·(mean per-token entropy), per image like the policy
-        loss's sum over the L tokens; each only when its weight is > 0."""
+    def _usage_terms(self, logits: Tensor) -> tuple[Tensor | float, dict[str, Tensor]]:
+        """γ·L·KL(q̄ ‖ uniform) and γ_e·L·(mean per-token entropy) of ``logits`` (:meth:`_sampled`),
+        per image like the policy loss's sum over the L tokens; each only when its weight is > 0."""
         loss: Tensor | float = 0.0
         stats: dict[str, Tensor] = {}
         if self.marginal_weight > 0:
-            usage = code_marginal_kl(self._kl_view(enc.logits))
+            usage = code_marginal_kl(logits)
             loss = loss + self.marginal_weight * self.latent.tokens * usage
             stats["marginal_kl"] = usage.detach()
         if self.entropy_weight > 0:
-            token_logits = self._kl_view(enc.logits).float()
+            token_logits = logits.float()
             mean_entropy = -(token_logits.exp() * token_logits).sum(-1).mean()
             loss = loss + self.entropy_weight * self.latent.tokens * mean_entropy
         return loss, stats
 
-    def _first_order_step(self, x: Tensor, z: Tensor, enc: TokenLogProb, step: int) -> StepOutput:
+    def _first_order_step(self, x: Tensor, z: Tensor, enc: TokenLogProb, logits: Tensor, step: int) -> StepOutput:
         """``credit = "first-order"``: every code of every token scored by the decoder's gradient
         at the K samples, the proxy on all V codes, the encoder fitted by cross-entropy to it
         (:mod:`ngkit_plugins.daps_first_order`). The decoder's loss is DAPS's, −mean log p."""
@@ -239,12 +240,12 @@ class Daps(CategoricalVAE):
             self.decoder_log_prob, self.decoder, x, z, self.latent.codes, self.curvature
         )  # [K, B], [B, L, V]
         beta = float(self.beta(step))
-        logq = self._kl_view(enc.logits)[0]  # [B, L, V] log-probabilities, with gradient
+        logq = logits[0]  # [B, L, V] log-probabilities, with gradient
         log_target, eta, kl = dense_token_proxy(logq, reward, float(self.step_size.bound), beta)
         target = log_target.exp().float()
         policy_loss = -(target * logq.float()).sum(-1).sum(-1).mean()
         gen_loss = -logp.mean()
-        usage_loss, usage_stats = self._usage_terms(enc)
+        usage_loss, usage_stats = self._usage_terms(logits)
         loss = policy_loss + gen_loss + usage_loss
         trust_stats = self._trust_region_penalty(self.trust) if self.trust is not None else {}
         if trust_stats:
@@ -301,6 +302,21 @@ class Daps(CategoricalVAE):
         """The logits KL(q_old ‖ q_new) needs: a factorised encoder's are the same for all K
         samples, so one copy gives the exact KL; an autoregressive encoder's depend on z."""
         return logits if self.encoder.autoregressive else logits[:1]
+
+    def _sampled(self, enc: TokenLogProb, z: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Per-token log q of the K samples ``[K, B, L]`` with gradient (None: use the encoder's
+        own), and the logits the rest of the step reads: :meth:`_kl_view`'s, as one copy
+        ``[1, B, L, V]`` where a factorised encoder's K copies are expand views of one tensor
+        (the transformer's are). Then log q is gathered from that copy (:class:`_SampledLogProbs`)
+        and nothing here makes a ``[K, B, L, V]`` tensor, forward or backward; the losses and
+        gradients are those of the K copies, bit for bit."""
+        one = None if self.encoder.autoregressive else _one_copy(enc.logits)
+        if one is None:
+            return None, self._kl_view(enc.logits)
+        if self.credit == "first-order":  # reads every code, not the samples'
+            return None, one.unsqueeze(0)
+        token_logq, one = _SampledLogProbs.apply(one, z)
+        return token_logq, one.unsqueeze(0)
 
     def _kl_codes(self, z: Tensor) -> Tensor:
         return z if self.encoder.autoregressive else z[:1]
@@ -367,6 +383,45 @@ class Daps(CategoricalVAE):
         device = next(self.parameters()).device
         anchor = [t.to(device) for t in state["anchor"]]
         self._anchor = (anchor[0], anchor[1], anchor[2]) if anchor else None
+
+
+def _one_copy(logits: Tensor) -> Tensor | None:
+    """The ``[B, L, V]`` tensor that ``logits [K, B, L, V]`` are K expand views of, or None."""
+    one = logits._base
+    if one is None or logits.stride(0) != 0 or one.shape != logits.shape[1:] or one.stride() != logits.stride()[1:]:
+        return None
+    return one
+
+
+class _SampledLogProbs(torch.autograd.Function):
+    """``(token_logq, copy) = apply(one, z)``: the K samples' log-probs ``one[b, l, z[k, b, l]]``
+    ``[K, B, L]``, and a copy of ``one [B, L, V]`` for everything else the loss reads from the K
+    copies. Backward: the gradient that reached the copy, then each sample's gradient added at its
+    code in sample order k = 0..K-1. That is the order in which autograd summed them when the K
+    copies were ``one.expand(K, ...)``: the gather's ``[K, B, L, V]`` gradient was added to the
+    buffer that held the copy's at k = 0 (the gather, made first, runs last in backward), and the
+    expand's sum over K added the K slices in order, with exact zeros where a sample drew another
+    code. torch's outer-dimension sum adds in order on one thread for K <= 16 when B*L*V is a
+    multiple of 64 (its tail columns and per-thread chunks use 4 interleaved accumulators); there
+    the two agree bit for bit (tests/test_step_cost.py), elsewhere by reassociation only."""
+
+    @staticmethod
+    def forward(ctx: Any, one: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        index = z.permute(1, 2, 0)  # [B, L, K]
+        ctx.save_for_backward(index)
+        ctx.set_materialize_grads(False)
+        ctx.codes = one.shape[-1]
+        return one.gather(-1, index).permute(2, 0, 1).contiguous(), one.clone()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_logq: Tensor | None, grad_one: Tensor | None
+    ) -> tuple[Tensor | None, None]:
+        (index,) = ctx.saved_tensors
+        if grad_logq is None:
+            return grad_one, None
+        grad = grad_one.clone() if grad_one is not None else grad_logq.new_zeros((*index.shape[:2], ctx.codes))
+        return grad.scatter_add_(-1, index, grad_logq.permute(1, 2, 0)), None
 
 
 class DapsNA(Daps):

@@ -614,11 +614,24 @@ def _draw_factorised(base: Tensor, num_samples: int, temperature: float) -> Tens
 
 
 def _factorised_score(base: Tensor, z: Tensor) -> TokenLogProb:
-    """Teacher-forced output for codes ``z [B, L]`` or ``[K, B, L]`` under ``base [B, L, V]``."""
-    logp = base if z.dim() == 2 else base.expand(z.shape[0], *base.shape)
-    entropy = _entropy(base).expand(z.shape)
-    token_logq = logp.gather(-1, z.unsqueeze(-1)).squeeze(-1)
-    return TokenLogProb(logq=token_logq.sum(-1), logits=logp, entropy=entropy)
+    """Teacher-forced output for codes ``z [B, L]`` or ``[K, B, L]`` under ``base [B, L, V]``.
+    K samples' logits are K expand views of ``base``, and their log q is read from ``base``
+    itself (:func:`_gather_samples`): no ``[K, B, L, V]`` tensor, forward or backward."""
+    if z.dim() == 2:
+        token_logq = base.gather(-1, z.unsqueeze(-1)).squeeze(-1)
+        return TokenLogProb(logq=token_logq.sum(-1), logits=base, entropy=_entropy(base))
+    return TokenLogProb(logq=_gather_samples(base, z).sum(-1), logits=base.expand(z.shape[0], *base.shape),
+                        entropy=_entropy(base).expand(z.shape))
+
+
+def _gather_samples(base: Tensor, z: Tensor) -> Tensor:
+    """``base[b, l, z[k, b, l]]`` as ``[K, B, L]``: the K samples' log-probs gathered from the one
+    ``[B, L, V]`` copy they share. Its backward scatter-adds their gradients into one ``[B, L, V]``
+    tensor in sample order, where gathering from ``base.expand(K, ...)`` made a ``[K, B, L, V]``
+    gradient that the expand then summed over K. The two are the same additions; they are the
+    same bits wherever torch sums those K terms in order too, which its outer-dimension sum does
+    on one thread for K <= 16 when B*L*V is a multiple of 64 (tests/test_step_cost.py)."""
+    return base.gather(-1, z.permute(1, 2, 0)).permute(2, 0, 1).contiguous()
 
 
 def _entropy(logp: Tensor) -> Tensor:

@@ -24,6 +24,13 @@ import torch
 from torch import Tensor
 
 
+def single_rank() -> bool:
+    """One process in the run (or no process group): agreeing over ranks is the identity, and
+    its all-reduce can be skipped."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
+
 def _unitwise_norm(t: Tensor) -> Tensor:
     """Norm per output unit: rows of a matrix, filters of a conv, the whole of a vector/scalar."""
     if t.ndim <= 1:
@@ -61,18 +68,20 @@ def agc_scale(param: Tensor, grad: Tensor, clip: float, eps: float = 1e-3) -> Te
 
 
 @torch.no_grad()
-def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float = 1e-3) -> None:
+def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float = 1e-3) -> ClippedFinite | None:
     """Adaptive gradient clipping of the averaged gradients, in place, at any ZeRO stage.
 
-    Must be called after the last backward of an optimiser step and before ``engine.step()``."""
+    Must be called after the last backward of an optimiser step and before ``engine.step()``.
+    Where every gradient is ``p.grad`` (ZeRO 0, fp32) it returns what the norms it took say about
+    the clipped gradients' finiteness (:class:`ClippedFinite`, for the guard), else None."""
     params = list(params)
     plain = [p for p in params if _in_p_grad(p)]
-    if plain:
-        _clip_plain(plain, clip, eps)
+    finite = _clip_plain(plain, clip, eps) if plain else None
     for p in params:  # gradients DeepSpeed keeps (ZeRO 1-3, bf16): one parameter at a time
         grad = None if _in_p_grad(p) else _full_grad(p)
         if grad is None:
             continue
+        finite = None  # the guard sees these as DeepSpeed's partitions, not as p.grad
         scale = agc_scale(_full_param(p), grad, clip, eps)
         if grad is p.grad:
             p.grad.mul_(scale.to(p.grad.dtype))
@@ -80,13 +89,15 @@ def adaptive_clip_(params: Iterable[torch.nn.Parameter], clip: float, eps: float
             from deepspeed.utils import safe_set_full_grad
 
             safe_set_full_grad(p, (grad.float() * scale).to(grad.dtype))
+    return finite
 
 
-def _clip_plain(params: list[torch.nn.Parameter], clip: float, eps: float) -> None:
+def _clip_plain(params: list[torch.nn.Parameter], clip: float, eps: float) -> ClippedFinite:
     """AGC of gradients held in ``p.grad`` (ZeRO 0): the per-unit norms of all parameters are
     computed one matrix at a time (vectors and scalars, whose unit is the whole tensor, in one
-    fused norm over all of them), compared and clamped in one go, and the vectors' gradients
-    scaled in one fused multiply: a handful of ops in all rather than a handful per parameter."""
+    fused norm over all of them), compared and clamped in one go, and every gradient scaled in
+    one fused multiply: a handful of ops in all rather than a handful per parameter. (Norms
+    written into one preallocated buffer with ``out=`` instead of concatenated were slower.)"""
     flat = [p for p in params if p.ndim <= 1]
     mats = [p for p in params if p.ndim > 1]
     rows = [p.shape[0] for p in mats]
@@ -97,12 +108,31 @@ def _clip_plain(params: list[torch.nn.Parameter], clip: float, eps: float) -> No
         g.append(torch.stack(torch._foreach_norm([p.grad.float() for p in flat])))
     w += [norm(p.detach().float().reshape(r, -1), dim=1) for p, r in zip(mats, rows)]
     g += [norm(p.grad.float().reshape(r, -1), dim=1) for p, r in zip(mats, rows)]
-    scales = (torch.cat(w).clamp_min(eps) * clip / torch.cat(g).clamp_min(1e-6)).clamp(max=1.0)
+    grad_norms = torch.cat(g)
+    scales = (torch.cat(w).clamp_min(eps) * clip / grad_norms.clamp_min(1e-6)).clamp(max=1.0)
     flat_scales, *mat_scales = scales.split([len(flat)] + rows)
-    if flat:
-        torch._foreach_mul_([p.grad for p in flat], [s.to(p.grad.dtype) for s, p in zip(flat_scales.unbind(), flat)])
-    for p, r, scale in zip(mats, rows, mat_scales):
-        p.grad.mul_(scale.reshape((r,) + (1,) * (p.ndim - 1)).to(p.grad.dtype))
+    factors = [*flat_scales.unbind(), *(s.view((r,) + (1,) * (p.ndim - 1)) for s, r, p in zip(mat_scales, rows, mats))]
+    grads = [p.grad for p in flat + mats]
+    torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors, grads)])
+    return ClippedFinite(grads, grad_norms, scales)
+
+
+class ClippedFinite:
+    """What adaptive clipping's norms say about the finiteness of the gradients it scaled, so the
+    guard need not take their norms again. ``certain`` (a bool tensor, left on the device) is
+    true only where the guard's own test, ``isfinite(get_total_norm(grads))`` on the clipped
+    gradients, is true: every unit's norm ``n`` and scale ``s`` finite (so every element of
+    ``g * s`` is), and ``‖s·n‖`` below 1e18, far from the 1.8e19 at which float32's sum of
+    squares overflows (the clipped gradients' true norm is that within float rounding). Where
+    it is false the guard takes the norm as before: that also decides the cases it cannot, such
+    as a unit whose norm overflowed while its elements are finite (its scale is 0, so its
+    clipped gradient is 0)."""
+
+    def __init__(self, grads: list[Tensor], grad_norms: Tensor, scales: Tensor) -> None:
+        self.grads = grads
+        self.certain = torch.isfinite(grad_norms).all() & torch.isfinite(scales).all() & (
+            torch.linalg.vector_norm(scales * grad_norms) < 1e18
+        )
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -122,14 +152,21 @@ class GuardedAdamW(torch.optim.AdamW):
         # learning-rate schedule.
         self.overflow = False
         self.outer: object | None = None
+        # Set by the training step after adaptive clipping, read (and cleared) by the next guard.
+        self.clipped: ClippedFinite | None = None
 
     def grads_finite(self) -> Tensor:
         """Whether this rank's gradients are all finite, as a bool tensor left on the device: one
         fused norm over every gradient (a NaN or an infinity makes it non-finite; so does a norm
-        past the float range, |g| ~ 1e19 in fp32)."""
+        past the float range, |g| ~ 1e19 in fp32). On CPU, where reading a flag costs nothing,
+        :attr:`clipped` answers instead when it covers these gradients and is certain."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        clipped, self.clipped = self.clipped, None
         if not grads:
             return torch.ones((), dtype=torch.bool, device=self._device())
+        if (clipped is not None and not clipped.certain.is_cuda and len(clipped.grads) == len(grads)
+                and {id(g) for g in clipped.grads} == {id(g) for g in grads} and bool(clipped.certain)):
+            return clipped.certain
         return torch.isfinite(torch.nn.utils.get_total_norm(grads))
 
     def _device(self) -> torch.device:
@@ -140,7 +177,10 @@ class GuardedAdamW(torch.optim.AdamW):
         all-reduce, and its read is the step's one host sync (``loss_ok`` may be a device flag)."""
         from ngkit.engine.distributed import all_ranks_agree
 
-        return all(all_ranks_agree(self.loss_ok, self.grads_finite(), device=self._device()))
+        finite = self.grads_finite()
+        if single_rank():
+            return bool(self.loss_ok) and bool(finite)
+        return all(all_ranks_agree(self.loss_ok, finite, device=self._device()))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
