@@ -17,16 +17,16 @@ is); elsewhere they differ by that reassociation only, which the last test bound
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from ngkit.engine import gradients
+from ngkit.engine import distributed, gradients
+from ngkit.engine import step as step_module
 from ngkit.engine.build import build
 from ngkit.engine.deepspeed_engine import make_engine
-from ngkit.engine.distributed import all_ranks_agree, init_distributed
+from ngkit.engine.distributed import init_distributed
 from ngkit.engine.seeding import seed_everything
 from ngkit.engine.step import StepPlan, host_floats, train_step
 from ngkit.components import TokenLogProb
@@ -70,8 +70,17 @@ def old_clip_plain(params, clip, eps):
     return None  # the old guard took its own norm
 
 
-def old_gradients_ok(self):
-    return all(all_ranks_agree(self.loss_ok, self.grads_finite(), device=self._device()))
+def old_all_ranks_agree(*flags, device="cpu", group=None):
+    """Before: the flags all-reduced whenever a process group is up, one rank included."""
+    device = torch.device(device)
+    if any(isinstance(f, torch.Tensor) for f in flags):
+        values = torch.stack([f.to(device, torch.float32) if isinstance(f, torch.Tensor)
+                              else torch.full((), float(f), device=device) for f in flags])
+    else:
+        values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN, group=group)
+    return [v > 0 for v in values.tolist()]
 
 
 @pytest.fixture
@@ -81,7 +90,8 @@ def old_code(monkeypatch):
         monkeypatch.setattr(transformer_encoder, "_factorised_score", old_factorised_score)
         monkeypatch.setattr(daps_method.Daps, "_sampled", old_sampled)
         monkeypatch.setattr(gradients, "_clip_plain", old_clip_plain)
-        monkeypatch.setattr(gradients.GuardedAdamW, "gradients_ok", old_gradients_ok)
+        monkeypatch.setattr(distributed, "all_ranks_agree", old_all_ranks_agree)  # the guard's
+        monkeypatch.setattr(step_module, "all_ranks_agree", old_all_ranks_agree)  # the host flags'
     return switch
 
 
@@ -95,9 +105,8 @@ def _run(recipe, steps, old):
     torch.manual_seed(1)
     batches = iter([torch.rand(recipe.data.batch_size, 1, 8, 8) for _ in range(steps * recipe.optim.accumulate)])
     plan = StepPlan.of(engine, recipe, torch.device("cpu"), torch.float32)
-    if old:  # DeepSpeed's own zero_grad, and the host flags all-reduced at one rank as before
+    if old:  # DeepSpeed's own zero_grad
         del engine.zero_grad
-        plan = dataclasses.replace(plan, single_rank=False)
     logs = [host_floats(train_step(engine, batches, step, plan).logs) for step in range(1, steps + 1)]
     return logs, [p.detach().clone() for p in engine.module.parameters()]
 

@@ -97,12 +97,22 @@ def make_engine(method: Method, recipe: Recipe) -> Any:
         # One rank: averaging over ranks is the identity, and DeepSpeed's reduction would copy
         # every gradient into a flat buffer and give the parameters that got none zeros to step.
         engine.enable_backward_allreduce = False
+    # What DeepSpeed's zero_grad does (the one its step calls at ZeRO 0 in fp32: grad = None for
+    # every parameter), over a list made once instead of a walk of the module tree every step
+    # (0.11 -> 0.02 ms).
+    everything = list(engine.module.parameters())
+    engine.zero_grad = lambda: _set_grads_none(everything)
     if engine.optimizer is not optimizer:  # a ZeRO or bf16 wrapper steps ours
         optimizer.outer = engine.optimizer
     engine.ngkit_optimizer = optimizer  # the training loop's handle on the non-finite guard
     safe_load.install(engine)  # load_checkpoint reads weights-only (ngkit.engine.safe_load)
     _match_norm_statistics(engine.module)
     return engine
+
+
+def _set_grads_none(params: list[torch.nn.Parameter]) -> None:
+    for p in params:
+        p.grad = None
 
 
 def _denormals_flushed() -> bool:

@@ -145,7 +145,10 @@ def barrier() -> None:
 def all_ranks_agree(*flags: bool | torch.Tensor, device: torch.device | str = "cpu", group: Any = None) -> list[bool]:
     """For each flag (a bool, or a bool tensor on ``device`` that stays there until this one
     read), whether it is true on every rank: one all-reduce for all of them, and the same answers
-    on every rank. Reading the answer waits for the device's queued work (a host sync)."""
+    on every rank; with one rank, the flags themselves (no collective). Reading the answer waits
+    for the device's queued work (a host sync)."""
+    if not _several_ranks(group):
+        return [bool(f) for f in flags]
     device = torch.device(device)
     if any(isinstance(f, torch.Tensor) for f in flags):
         # torch.full is a fill kernel: no host-to-device copy, which would wait for the queue
@@ -153,9 +156,14 @@ def all_ranks_agree(*flags: bool | torch.Tensor, device: torch.device | str = "c
                               else torch.full((), float(f), device=device) for f in flags])
     else:
         values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN, group=group)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN, group=group)
     return [v > 0 for v in values.tolist()]
+
+
+def _several_ranks(group: Any = None) -> bool:
+    """Whether a process group of more than one rank is up (else a collective is the identity)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 _HOST_GROUP: list[Any] = []  # the gloo group of host_group(), made once per process
@@ -183,7 +191,7 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """``values`` summed over all ranks (a copy; the local state is left as it is)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if _several_ranks():
         values = values.clone()
         torch.distributed.all_reduce(values)
     return values

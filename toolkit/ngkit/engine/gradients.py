@@ -24,13 +24,6 @@ import torch
 from torch import Tensor
 
 
-def single_rank() -> bool:
-    """One process in the run (or no process group): agreeing over ranks is the identity, and
-    its all-reduce can be skipped."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
-
-
 def _unitwise_norm(t: Tensor) -> Tensor:
     """Norm per output unit: rows of a matrix, filters of a conv, the whole of a vector/scalar."""
     if t.ndim <= 1:
@@ -177,10 +170,7 @@ class GuardedAdamW(torch.optim.AdamW):
         all-reduce, and its read is the step's one host sync (``loss_ok`` may be a device flag)."""
         from ngkit.engine.distributed import all_ranks_agree
 
-        finite = self.grads_finite()
-        if single_rank():
-            return bool(self.loss_ok) and bool(finite)
-        return all(all_ranks_agree(self.loss_ok, finite, device=self._device()))
+        return all(all_ranks_agree(self.loss_ok, self.grads_finite(), device=self._device()))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
